@@ -1,0 +1,217 @@
+"""Merging: one jitted kernel per leaf, driven over a tree (in memory) or any leaf source.
+
+Every merge path (in-memory trees, streaming checkpoints, sharded arrays) goes through
+`merge_leaves`, so all of them produce the same bits for the same inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import MergeError
+from .methods import Method
+from .paths import flatten
+from .plan import LeafPlan, LeafRule, Layout, format_plan, plan_tree
+from .report import LeafReport, MergeReport, leaf_report
+from .selection import Part, Threshold, magnitude_keys, rank_thresholds
+from .steps import LeafContext, MagnitudeBand, path_hash
+from .task_vectors import difference
+
+Loader = Callable[[LeafPlan], tuple[Any, Sequence[Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeResult:
+    params: Any
+    report: MergeReport
+
+
+def default_names(n: int) -> tuple[str, ...]:
+    return tuple(f"model {t}" for t in range(n))
+
+
+def check_leaf(plan: LeafPlan, base, finetuned: Sequence, names: Sequence[str], base_name: str = "pretrained") -> None:
+    """Shapes and dtypes of one leaf agree with the plan in every model; errors name leaf and model."""
+    for name, x in zip((base_name, *names), (base, *finetuned)):
+        shape, dtype = tuple(np.shape(x)), str(np.dtype(x.dtype))
+        if shape != plan.shape:
+            raise MergeError(f"shape {shape} differs from the pre-trained {plan.shape}", leaf=plan.path, source=name)
+        if dtype != plan.dtype:
+            raise MergeError(f"dtype {dtype} differs from the pre-trained {plan.dtype}", leaf=plan.path, source=name)
+
+
+def _stack_tau(base, finetuned) -> jax.Array:
+    return jnp.stack([difference(base, f) for f in finetuned])
+
+
+def _finite(base, finetuned) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in (base, *finetuned)])
+
+
+@functools.partial(jax.jit, static_argnames=("method", "out_axis", "out_dtype"))
+def _merge_kernel(base, finetuned, leaf_hash, thresholds, *, method: Method, out_axis, out_dtype):
+    tau = _stack_tau(base, finetuned)
+    state = method(tau, LeafContext(out_axis=out_axis, path_hash=leaf_hash, thresholds=thresholds))
+    merged = (base.astype(jnp.float32) + state.delta).astype(out_dtype)
+    return merged, state.stats, _finite(base, finetuned)
+
+
+@functools.partial(jax.jit, static_argnames=("selector",))
+def _global_kernel(bases, finetuned, *, selector: MagnitudeBand):
+    taus = [_stack_tau(b, f) for b, f in zip(bases, finetuned)]
+    parts = [Part(magnitude_keys(t), tuple(range(1, t.ndim))) for t in taus]
+    return selector.thresholds(parts, sum(p.size for p in parts))
+
+
+def _raise_not_finite(plan: LeafPlan, finite, names) -> None:
+    bad = [n for n, ok in zip(("pretrained", *names), np.asarray(finite)) if not ok]
+    if bad:
+        raise MergeError("contains NaN or Inf", leaf=plan.path, source=bad[0])
+
+
+def global_thresholds(plans: Sequence[LeafPlan], load: Loader) -> dict[str, tuple[Threshold, Threshold]]:
+    """Thresholds of `global` granularity: one ranked group per task over all leaves of each selector.
+
+    Needs every such leaf of every model at once (in memory)."""
+    groups: dict[MagnitudeBand, list[LeafPlan]] = {}
+    for p in plans:
+        if p.action == "merge" and p.method.selector and p.method.selector.granularity == "global":
+            groups.setdefault(p.method.selector, []).append(p)
+    out = {}
+    for selector, members in groups.items():
+        loaded = [load(p) for p in members]
+        lo, hi = _global_kernel([b for b, _ in loaded], [list(f) for _, f in loaded], selector=selector)
+        for i, p in enumerate(members):
+            out[p.path] = (Threshold(lo.value, (lo.index[i],)), Threshold(hi.value, (hi.index[i],)))
+    return out
+
+
+def merge_leaf(
+    plan: LeafPlan,
+    base,
+    finetuned: Sequence,
+    *,
+    names: Sequence[str] | None = None,
+    out_dtype=None,
+    thresholds: tuple[Threshold, Threshold] | None = None,
+) -> tuple[jax.Array, LeafReport]:
+    """Merge one leaf as its plan says; returns the merged leaf and its report."""
+    names = tuple(names) if names is not None else default_names(len(finetuned))
+    check_leaf(plan, base, finetuned, names)
+    if plan.action != "merge":
+        return jnp.asarray(base), leaf_report(plan, None, len(finetuned))
+    dtype = np.dtype(out_dtype) if out_dtype is not None else np.dtype(plan.dtype)
+    merged, stats, finite = _merge_kernel(
+        base, list(finetuned), jnp.uint32(path_hash(plan.path)), thresholds,
+        method=plan.method, out_axis=plan.out_axis, out_dtype=dtype,
+    )
+    _raise_not_finite(plan, finite, names)
+    return merged, leaf_report(plan, jax.device_get(stats), len(finetuned))
+
+
+def merge_leaves(
+    plans: Sequence[LeafPlan],
+    load: Loader,
+    *,
+    names: Sequence[str],
+    out_dtype=None,
+    progress: bool = False,
+) -> Iterator[tuple[LeafPlan, jax.Array, LeafReport]]:
+    """Merge leaf after leaf: `load(plan)` gives (pre-trained leaf, fine-tuned leaves); yields
+    (plan, merged leaf, report). Holds one leaf of each model at a time (plus all leaves with
+    `global` granularity, whose thresholds need them together)."""
+    thresholds = global_thresholds(plans, load)
+    it = plans
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(plans, desc="merging", unit="leaf")
+    for plan in it:
+        base, finetuned = load(plan)
+        merged, report = merge_leaf(
+            plan, base, finetuned, names=names, out_dtype=out_dtype, thresholds=thresholds.get(plan.path)
+        )
+        yield plan, merged, report
+
+
+def _check_structure(base_paths: list[str], other: Any, name: str) -> None:
+    paths = flatten(other)[0]
+    if paths == base_paths:
+        return
+    missing = [p for p in base_paths if p not in set(paths)]
+    extra = [p for p in paths if p not in set(base_paths)]
+    if missing:
+        raise MergeError(f"missing from this model ({len(missing)} leaves missing)", leaf=missing[0], source=name)
+    if extra:
+        raise MergeError(f"not in the pre-trained model ({len(extra)} extra leaves)", leaf=extra[0], source=name)
+    raise MergeError("leaves are in a different order than in the pre-trained model", source=name)
+
+
+def warn_empty(report: MergeReport) -> None:
+    empty = report.empty()
+    if empty:
+        warnings.warn(
+            f"{len(empty)} (leaf, task) pairs keep no entries (the band is empty for groups this small), "
+            f"e.g. leaf '{empty[0][0]}' of {empty[0][1]}; see the merge report",
+            stacklevel=3,
+        )
+
+
+def plan_for(pretrained: Any, method: Method, rules: Sequence[LeafRule] = (), layout: Layout = "flax") -> list[LeafPlan]:
+    """Per-leaf plans for an in-memory tree."""
+    paths, leaves, _ = flatten(pretrained)
+    return plan_tree(paths, [np.shape(x) for x in leaves], [x.dtype for x in leaves], method, rules, layout)
+
+
+def dry_run(pretrained: Any, method: Method, rules: Sequence[LeafRule] = (), layout: Layout = "flax") -> str:
+    """The table of what `merge` would do to each leaf, without computing anything."""
+    return format_plan(plan_for(pretrained, method, rules, layout))
+
+
+def merge(
+    pretrained: Any,
+    finetuned: Sequence[Any],
+    method: Method,
+    *,
+    rules: Sequence[LeafRule] = (),
+    layout: Layout = "flax",
+    names: Sequence[str] | None = None,
+    out_dtype=None,
+    progress: bool = False,
+) -> MergeResult:
+    """Merge fine-tuned PyTrees into the pre-trained one with `method`; returns params and report.
+
+    `rules` choose per-leaf methods by path pattern; `layout` ('flax' [in, out] or 'torch'
+    [out, in]) sets the default row axis; `names` label the models in errors and the report."""
+    finetuned = list(finetuned)
+    if not finetuned:
+        raise MergeError("no fine-tuned models given (T = 0): nothing to merge")
+    names = tuple(names) if names is not None else default_names(len(finetuned))
+    if len(names) != len(finetuned):
+        raise MergeError(f"{len(names)} names given for {len(finetuned)} fine-tuned models")
+    base_paths, base_leaves, treedef = flatten(pretrained)
+    for f, name in zip(finetuned, names):
+        _check_structure(base_paths, f, name)
+    ft_leaves = [flatten(f)[1] for f in finetuned]
+    plans = plan_for(pretrained, method, rules, layout)
+    index = {p: i for i, p in enumerate(base_paths)}
+
+    def load(plan: LeafPlan):
+        i = index[plan.path]
+        return base_leaves[i], [leaves[i] for leaves in ft_leaves]
+
+    out, reports = [], []
+    for _, merged, report in merge_leaves(plans, load, names=names, out_dtype=out_dtype, progress=progress):
+        out.append(merged)
+        reports.append(report)
+    report = MergeReport(names, tuple(reports))
+    warn_empty(report)
+    return MergeResult(jax.tree_util.tree_unflatten(treedef, out), report)

@@ -1,0 +1,198 @@
+"""Merge methods as named chains of steps, and the catalogue of standard methods.
+
+    theta = P + delta,  delta = chain(steps)(tau_1..tau_T)
+
+Each factory below is a few lines composing `steps`; a new method is another chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax.numpy as jnp
+
+from .band import Band
+from .errors import MergeError
+from .steps import (
+    Combine,
+    ElectSign,
+    LeafContext,
+    LeafState,
+    MagnitudeBand,
+    RandomDrop,
+    Scale,
+    Step,
+    Weight,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A named chain of steps; hashable, so it is a static argument of the jitted leaf merge."""
+
+    name: str
+    steps: tuple[Step, ...]
+
+    def __call__(self, tau, ctx: LeafContext = LeafContext()) -> LeafState:
+        state = LeafState(tau=tau, weights=jnp.ones((tau.shape[0],), jnp.float32))
+        for step in self.steps:
+            state = step(state, ctx)
+        if state.delta is None:
+            raise MergeError(f"method {self.name!r} never combines the task axis (add a Combine step)")
+        return state
+
+    @property
+    def selector(self) -> MagnitudeBand | None:
+        """The magnitude-band sparsifier of this chain, if any."""
+        return next((s for s in self.steps if isinstance(s, MagnitudeBand)), None)
+
+    @property
+    def granularity(self) -> str:
+        sel = self.selector
+        return sel.granularity if sel else "-"
+
+    def with_granularity(self, granularity: str) -> Method:
+        steps = tuple(
+            dataclasses.replace(s, granularity=granularity) if isinstance(s, MagnitudeBand) else s
+            for s in self.steps
+        )
+        return dataclasses.replace(self, steps=steps)
+
+    def without_scale(self) -> Method:
+        """The chain up to the combined delta (for sweeping alpha: theta = P + alpha * delta)."""
+        return dataclasses.replace(self, steps=tuple(s for s in self.steps if not isinstance(s, Scale)))
+
+    def describe(self) -> str:
+        return f"{self.name}({', '.join(_describe(s) for s in self.steps)})"
+
+
+def _describe(step: Step) -> str:
+    if isinstance(step, MagnitudeBand):
+        b = step.band
+        return f"band[{float(b.beta):g},{float(b.gamma):g}]/{step.granularity}"
+    if isinstance(step, RandomDrop):
+        return f"drop p={step.p:g} seed={step.seed}"
+    if isinstance(step, Weight):
+        return "weight(" + ",".join(f"{w:g}" for w in step.weights) + ")"
+    if isinstance(step, Scale):
+        return f"alpha={step.alpha:g}"
+    if isinstance(step, Combine):
+        return step.kind
+    return type(step).__name__.lower()
+
+
+def chain(name: str, *steps: Step) -> Method:
+    """Compose steps into a method."""
+    return Method(name, tuple(steps))
+
+
+def _weights(weights: Sequence[float] | None) -> tuple[Step, ...]:
+    return () if weights is None else (Weight(tuple(float(w) for w in weights)),)
+
+
+def _band(beta=None, gamma=None, density=None, gamma_top=None) -> Band:
+    quantile = beta is not None or gamma is not None
+    mergekit = density is not None or gamma_top is not None
+    if quantile and mergekit:
+        raise MergeError("give either (beta, gamma) or (density, gamma_top), not both")
+    if mergekit:
+        return Band.from_density(0.1 if density is None else density, 0.01 if gamma_top is None else gamma_top)
+    return Band.from_quantiles(0.85 if beta is None else beta, 0.993 if gamma is None else gamma)
+
+
+def linear(weights: Sequence[float] | None = None) -> Method:
+    """Model soup: P + sum_t w_t tau_t / sum_t w_t (the weighted average of the fine-tuned models)."""
+    return chain("linear", *_weights(weights), Combine("mean"))
+
+
+def task_arithmetic(alpha: float = 1.0, weights: Sequence[float] | None = None) -> Method:
+    """Ilharco et al. 2022: P + alpha * sum_t w_t tau_t."""
+    return chain("task_arithmetic", *_weights(weights), Combine("sum"), Scale(alpha))
+
+
+def breadcrumbs(
+    alpha: float = 1.0,
+    *,
+    beta: float | None = None,
+    gamma: float | None = None,
+    density: float | None = None,
+    gamma_top: float | None = None,
+    granularity: str = "tensor",
+    weights: Sequence[float] | None = None,
+) -> Method:
+    """Model Breadcrumbs: P + alpha * sum_t w_t m_t tau_t, m_t keeping the magnitude band
+    (defaults: beta=0.85, gamma=0.993, the paper's setting)."""
+    band = _band(beta, gamma, density, gamma_top)
+    return chain(
+        "breadcrumbs", MagnitudeBand(band, granularity), *_weights(weights), Combine("sum"), Scale(alpha)
+    )
+
+
+def ties(
+    alpha: float = 1.0,
+    *,
+    density: float = 0.2,
+    granularity: str = "tensor",
+    weights: Sequence[float] | None = None,
+) -> Method:
+    """TIES (Yadav et al. 2023): keep the top `density` by magnitude, elect signs, disjoint mean, scale."""
+    return chain(
+        "ties",
+        MagnitudeBand(Band.top_k(density), granularity),
+        *_weights(weights),
+        ElectSign(),
+        Combine("disjoint_mean"),
+        Scale(alpha),
+    )
+
+
+def dare(
+    alpha: float = 1.0, *, p: float = 0.9, seed: int = 0, weights: Sequence[float] | None = None
+) -> Method:
+    """DARE (Yu et al. 2023) with task arithmetic: drop with probability p, rescale by 1/(1-p), sum, scale."""
+    return chain("dare", RandomDrop(float(p), int(seed)), *_weights(weights), Combine("sum"), Scale(alpha))
+
+
+def breadcrumbs_ties(
+    alpha: float = 1.0,
+    *,
+    beta: float | None = None,
+    gamma: float | None = None,
+    density: float | None = None,
+    gamma_top: float | None = None,
+    granularity: str = "tensor",
+    weights: Sequence[float] | None = None,
+) -> Method:
+    """Breadcrumbs mask, then TIES sign election and disjoint mean (mergekit's breadcrumbs_ties)."""
+    band = _band(beta, gamma, density, gamma_top)
+    return chain(
+        "breadcrumbs_ties",
+        MagnitudeBand(band, granularity),
+        *_weights(weights),
+        ElectSign(),
+        Combine("disjoint_mean"),
+        Scale(alpha),
+    )
+
+
+METHODS: dict[str, Callable[..., Method]] = {
+    "linear": linear,
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "dare": dare,
+    "breadcrumbs": breadcrumbs,
+    "breadcrumbs_ties": breadcrumbs_ties,
+}
+
+
+def get_method(name: str, **params) -> Method:
+    """Build a catalogue method by name, e.g. ``get_method('breadcrumbs', alpha=0.3, beta=0.85)``."""
+    try:
+        factory = METHODS[name]
+    except KeyError:
+        raise MergeError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
+    try:
+        return factory(**params)
+    except TypeError as e:
+        raise MergeError(f"bad parameters for method {name!r}: {e}") from None

@@ -1,0 +1,28 @@
+"""Leaf paths: one readable string per PyTree leaf, used in rules, reports and errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+SEP = "/"
+
+
+def key_name(key: Any) -> str:
+    """One path component as text (dict key, sequence index, attribute name)."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(keypath: tuple) -> str:
+    """`('params', 'Dense_0', 'kernel')`-style key path -> ``params/Dense_0/kernel``."""
+    return SEP.join(key_name(k) for k in keypath)
+
+
+def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
+    """Flatten a PyTree into (paths, leaves, treedef); None subtrees are empty, as in JAX."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [path_str(p) for p, _ in with_path], [leaf for _, leaf in with_path], treedef

@@ -1,0 +1,204 @@
+"""Merge steps: small pure functions over the stacked task vectors of one leaf.
+
+A merge method is a chain of steps (as optax chains gradient transformations). Each step
+maps a `LeafState` to a new one: sparsifiers mask the per-task vectors, `Weight` scales
+them, `ElectSign` drops entries that disagree with the elected sign, a combiner reduces
+the task axis to one delta, and `Scale` multiplies it by alpha. Steps are frozen
+dataclasses, so a chain is hashable and is a static argument of the jitted leaf merge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from .band import Band, exact_fraction
+from .selection import Part, Threshold, below, magnitude_keys, rank_thresholds
+
+Granularity = Literal["tensor", "row", "global"]
+GRANULARITIES = ("tensor", "row", "global")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafContext:
+    """Per-leaf facts a step may use: row axis (of the leaf, without the task axis),
+    a stable hash of the leaf path (seeds DARE), precomputed global thresholds."""
+
+    out_axis: int | None = None
+    path_hash: jax.Array | None = None
+    thresholds: tuple[Threshold, Threshold] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafState:
+    """tau: [T, ...] float32 task vectors; weights: [T]; delta: the combined [...] update."""
+
+    tau: jax.Array
+    weights: jax.Array
+    delta: jax.Array | None = None
+    stats: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+    def replace(self, **kw) -> LeafState:
+        return dataclasses.replace(self, **kw)
+
+
+def path_hash(path: str) -> int:
+    """Stable 31-bit hash of a leaf path (the same in every process and run)."""
+    return zlib.crc32(path.encode()) & 0x7FFFFFFF
+
+
+def group_axes(ndim: int, granularity: str, out_axis: int | None) -> tuple[int, ...]:
+    """Axes of a [T, ...] stack ranked together: all but the task axis, and for `row`
+    also all but the output axis (leaves of rank < 2 are always one group)."""
+    axes = tuple(range(1, ndim))
+    if granularity == "row" and out_axis is not None and ndim >= 3:
+        axes = tuple(a for a in axes if a != out_axis % (ndim - 1) + 1)
+    return axes
+
+
+def _mask_stats(tau: jax.Array, keep: jax.Array, low: jax.Array, high: jax.Array) -> dict:
+    axes = tuple(range(1, tau.ndim))
+    mag = jnp.abs(tau)
+    cnt = lambda m: jnp.sum(m, axis=axes, dtype=jnp.int32)  # noqa: E731
+    return {
+        "kept": cnt(keep),
+        "dropped_low": cnt(low),
+        "dropped_high": cnt(high),
+        "min_kept": jnp.min(jnp.where(keep, mag, jnp.inf), axis=axes),
+        "max_kept": jnp.max(jnp.where(keep, mag, -jnp.inf), axis=axes),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class MagnitudeBand:
+    """Keep the entries of each group whose magnitude rank lies in the band (Breadcrumbs, TIES trim)."""
+
+    band: Band
+    granularity: Granularity = "tensor"
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            from .errors import MergeError
+
+            raise MergeError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+
+    def thresholds(self, parts: list[Part], n: int) -> tuple[Threshold, Threshold]:
+        n_bot, n_keep, _ = self.band.counts(n)
+        lo, hi = rank_thresholds(parts, [n_bot, n_bot + n_keep])
+        return lo, hi
+
+    def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
+        tau = state.tau
+        part = Part(magnitude_keys(tau), group_axes(tau.ndim, self.granularity, ctx.out_axis))
+        if self.granularity == "global":
+            if ctx.thresholds is None:
+                raise ValueError("global granularity needs thresholds computed over all leaves")
+            (lo, hi), p = ctx.thresholds, 0
+        else:
+            (lo, hi), p = self.thresholds([part], part.size), 0
+        low = below(part, lo, p)
+        not_high = below(part, hi, p)
+        keep = not_high & ~low
+        stats = _mask_stats(tau, keep, low, ~not_high)
+        return state.replace(tau=jnp.where(keep, tau, 0.0), stats={**state.stats, **stats})
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomDrop:
+    """DARE: drop each entry with probability p, rescale survivors by 1/(1-p); seeded per leaf and task."""
+
+    p: float
+    seed: int = 0
+    rescale: bool = True
+
+    def __post_init__(self):
+        if not 0 <= float(exact_fraction(self.p, "drop probability p")) < 1:
+            from .errors import MergeError
+
+            raise MergeError(f"DARE drop probability p must lie in [0, 1), got {self.p}")
+
+    def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
+        tau = state.tau
+        key = jax.random.fold_in(jax.random.key(self.seed), ctx.path_hash)
+        keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(tau.shape[0]))
+        keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.p, tau.shape[1:]))(keys)
+        scale = 1.0 / (1.0 - self.p) if self.rescale else 1.0
+        none = jnp.zeros_like(keep)
+        stats = _mask_stats(tau, keep, ~keep, none)
+        return state.replace(tau=jnp.where(keep, tau * scale, 0.0), stats={**state.stats, **stats})
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """Multiply task t's vector by w_t."""
+
+    weights: tuple[float, ...]
+
+    def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
+        w = jnp.asarray(self.weights, jnp.float32)
+        if w.shape[0] != state.tau.shape[0]:
+            from .errors import MergeError
+
+            raise MergeError(f"{w.shape[0]} weights given for {state.tau.shape[0]} task vectors")
+        return state.replace(tau=state.tau * _expand_task(w, state.tau.ndim), weights=w)
+
+
+@dataclasses.dataclass(frozen=True)
+class ElectSign:
+    """TIES sign election: keep only entries whose sign equals sign(sum_t tau_t)."""
+
+    def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
+        elected = jnp.sign(_task_sum(state.tau))
+        agree = jnp.sign(state.tau) == elected[None]
+        return state.replace(tau=jnp.where(agree, state.tau, 0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Combine:
+    """Reduce the task axis: `sum`; `mean` (divide by sum of weights); `disjoint_mean`
+    (divide each entry by the summed weights of the tasks that still contribute to it)."""
+
+    kind: Literal["sum", "mean", "disjoint_mean"] = "sum"
+
+    def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
+        total = _task_sum(state.tau)
+        w = _expand_task(state.weights, state.tau.ndim)
+        if self.kind == "sum":
+            delta = total
+        elif self.kind == "mean":
+            delta = total / jnp.sum(state.weights)
+        elif self.kind == "disjoint_mean":
+            denom = _task_sum(jnp.where(state.tau != 0, w, 0.0))
+            delta = jnp.where(denom != 0, total / jnp.where(denom != 0, denom, 1.0), 0.0)
+        else:
+            raise ValueError(f"unknown combine kind {self.kind!r}")
+        return state.replace(delta=delta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Multiply the combined delta by alpha."""
+
+    alpha: float
+
+    def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
+        return state.replace(delta=state.delta * jnp.float32(self.alpha))
+
+
+def _expand_task(w: jax.Array, ndim: int) -> jax.Array:
+    return w.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _task_sum(x: jax.Array) -> jax.Array:
+    """Sum over the task axis in a fixed order (t = 0, 1, ...), so every sharding gives the same bits."""
+    acc = x[0]
+    for t in range(1, x.shape[0]):
+        acc = acc + x[t]
+    return acc
+
+
+Step = Any  # any callable (LeafState, LeafContext) -> LeafState that is hashable
