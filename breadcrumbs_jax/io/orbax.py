@@ -7,7 +7,7 @@ PyTree checkpoint folder (holding ``_METADATA``), a checkpoint whose items are s
 
 Writing: ``orbax.checkpoint.experimental.v1.partial.save`` adds leaves to one checkpoint
 (buffered up to `flush_bytes`), ``partial.finalize`` completes it. The result is an Orbax v1
-checkpoint: ``ocp.v1.load_pytree(path)`` loads it, as does
+checkpoint: ``ocp.v1.load(path)`` loads it, as does
 ``ocp.PyTreeCheckpointer().restore(path / 'state')``.
 """
 
@@ -61,7 +61,7 @@ class OrbaxSource:
         except Exception as e:  # orbax raises many types on a damaged checkpoint
             raise MergeError(f"unreadable Orbax metadata: {_short(e)}", source=self.name) from None
         if tree is None:
-            raise MergeError("Orbax checkpoint without PyTree metadata", source=self.name)
+            raise MergeError("missing or damaged Orbax PyTree metadata", source=self.name)
         paths, metas, self._treedef = flatten(tree)
         self._metas = metas
         self._index = {p: i for i, p in enumerate(paths)}
