@@ -205,8 +205,11 @@ def parse_config(data: Any, source: str = "config", root: str | os.PathLike | No
             "base_model": resolve(cfg.base_model),
             "models": [m.model_copy(update={"path": resolve(m.path)}) for m in cfg.models],
         })
-    cfg.method_obj()  # method parameters are checked now, before any checkpoint is opened
-    cfg.leaf_rules()
+    try:  # method parameters are checked now, before any checkpoint is opened
+        cfg.method_obj()
+        cfg.leaf_rules()
+    except MergeError as e:
+        raise MergeError(str(e), source=source) from None
     return cfg
 
 
