@@ -234,7 +234,9 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
     def load(plan: LeafPlan):
         s = sp.shared.get(plan.path)
         index = None if s is None else s.index("shared")
-        return base.read(plan.path, index), [m.read(plan.path, index) for m in models]
+        # on the device at once, so no host copy outlives its transfer ('copy' leaves stay on the host)
+        put = (lambda x: x) if plan.action == "copy" else jax.device_put
+        return put(base.read(plan.path, index)), [put(m.read(plan.path, index)) for m in models]
 
     bar = None
     if progress:

@@ -9,7 +9,7 @@ import pytest
 from breadcrumbs_jax import MergeError, io
 from breadcrumbs_jax.io.orbax import OrbaxSink, OrbaxSource
 
-from ckpt_factory import pretrained, same_bits
+from ckpt_factory import HF_SHAPES, pretrained, same_bits
 
 
 def test_round_trip_values_and_dtypes(tmp_path):
@@ -18,6 +18,13 @@ def test_round_trip_values_and_dtypes(tmp_path):
     assert io.detect_format(tmp_path / "ckpt") == "orbax"
     assert same_bits(io.load(tmp_path / "ckpt"), tree)
     assert same_bits(ocp.v1.load(tmp_path / "ckpt"), tree)  # loads with orbax's own API
+
+
+def test_hugging_face_names_survive_orbax(tmp_path):
+    tree = pretrained(HF_SHAPES)  # flat keys with dots, as in safetensors
+    io.save(tree, tmp_path / "ckpt")
+    assert list(io.open_source(tmp_path / "ckpt").leaves()) == sorted(tree)
+    assert same_bits(io.load(tmp_path / "ckpt"), tree)
 
 
 def test_leaf_by_leaf_writes_in_several_partial_saves(tmp_path):

@@ -89,6 +89,31 @@ def checked(source: LeafSource, info: LeafInfo, array: np.ndarray, index: Index 
     return array
 
 
+def read_array(file: str | os.PathLike, offset: int, shape: tuple[int, ...], dtype: str,
+               index: Index | None = None) -> np.ndarray:
+    """An array stored raw (C order) at `offset` of `file`, or only `index` of it. Plain reads,
+    not a lasting memory map, so the file's pages never count towards this process's memory."""
+    dtype = np.dtype(dtype)
+    if index is not None:  # a transient map: only the pages of the slice are touched
+        view = np.memmap(file, dtype, mode="r", offset=offset, shape=shape)
+        out = np.array(view[index])
+        del view
+        return out
+    out = np.empty(shape, dtype)
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(fd, [buf[done:]], offset + done)
+            if n == 0:
+                raise EOFError(f"{file}: ends {len(buf) - done} bytes early")
+            done += n
+    finally:
+        os.close(fd)
+    return out
+
+
 def nest(paths: Sequence[str]) -> dict:
     """The nested-dict skeleton of '/'-joined paths, in first-appearance order (leaves map to their path)."""
     root: dict = {}

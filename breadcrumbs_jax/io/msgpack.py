@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import MergeError
 from ..paths import SEP
-from .base import Index, LeafInfo, checked, nest, nested_order
+from .base import Index, LeafInfo, checked, nest, nested_order, read_array
 
 EXT_NDARRAY, EXT_NPSCALAR = 1, 3
 CHUNKED = "__msgpack_chunked_array__"
@@ -153,15 +153,15 @@ class MsgpackSource:
 
     def __init__(self, path: str | os.PathLike):
         self.name = str(path)
-        with open(path, "rb") as f:
-            self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
-        walker = _Walker(self._buf)
+        with open(path, "rb") as f:  # mapped while walking the structure only; arrays are read with pread
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+        walker = _Walker(buf)
         self._arrays: dict[str, _Array | np.ndarray] = {}
         try:
             tree = walker.value()
-            if walker.pos != len(self._buf):
-                raise ValueError(f"{len(self._buf) - walker.pos} bytes after the end of the msgpack object")
-            _leaves(self._buf, tree, "", self._arrays)
+            if walker.pos != len(buf):
+                raise ValueError(f"{len(buf) - walker.pos} bytes after the end of the msgpack object")
+            _leaves(buf, tree, "", self._arrays)
         except EOFError:
             raise MergeError("truncated msgpack file", source=self.name) from None
         except (ValueError, TypeError, KeyError, UnicodeDecodeError, AttributeError) as e:
@@ -173,12 +173,14 @@ class MsgpackSource:
 
     def read(self, path: str, index: Index | None = None) -> np.ndarray:
         a = self._arrays[path]
-        if isinstance(a, _Array):
-            dtype = np.dtype(a.dtype)
-            parts = [np.frombuffer(self._buf, dtype, n, off) for off, n in a.chunks]
-            flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            a = flat.reshape(a.shape)
-        return checked(self, self._infos[path], np.array(a if index is None else a[index]), index)
+        if not isinstance(a, _Array):  # a plain msgpack number
+            return checked(self, self._infos[path], np.array(a if index is None else a[index]), index)
+        if len(a.chunks) == 1:
+            array = read_array(self.name, a.chunks[0][0], a.shape, a.dtype, index)
+        else:  # flax's chunks of a flattened array over 2**30 bytes
+            flat = np.concatenate([read_array(self.name, off, (n,), a.dtype) for off, n in a.chunks])
+            array = flat.reshape(a.shape) if index is None else flat.reshape(a.shape)[index].copy()
+        return checked(self, self._infos[path], array, index)
 
     def close(self) -> None:
         pass
