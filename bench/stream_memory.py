@@ -6,8 +6,8 @@ plus small Gaussian perturbations; about `--gib` GiB each, written leaf by leaf)
   stream:    breadcrumbs_jax.stream.merge_checkpoints (reads, merges, writes one leaf at a time)
   in-memory: io.load every model whole, breadcrumbs_jax.merge, io.save the result
 
-each in a fresh subprocess, and prints each one's peak RSS (getrusage ru_maxrss), the RSS
-after imports, the largest leaf and the wall time. Generated files live in a temporary
+each in a fresh subprocess, and prints each one's peak RSS (VmHWM; ru_maxrss too, which on
+Linux includes the parent's RSS), the peak after imports, the largest leaf and the wall time. Generated files live in a temporary
 folder (default under /tmp) that is deleted at the end.
 
     python bench/stream_memory.py                # T = 4, 1 GiB models, safetensors
@@ -64,8 +64,12 @@ class Synthetic:
         pass
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def peak_rss_mib() -> tuple[float, float]:
+    """(VmHWM, ru_maxrss) in MiB. VmHWM is this process's own peak RSS; Linux's ru_maxrss also
+    counts the parent's RSS at fork/exec (it survives exec), so it is only an upper bound."""
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return hwm / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 METHODS = {"breadcrumbs": dict(alpha=0.5, density=0.1, gamma_top=0.01), "task_arithmetic": dict(alpha=0.5)}
@@ -76,7 +80,7 @@ def child(mode: str, method_name: str, base: str, models: list[str], out: str) -
     from breadcrumbs_jax import io
     from breadcrumbs_jax.stream import merge_checkpoints
 
-    after_import = rss_mib()
+    after_import = peak_rss_mib()[0]
     method = bj.get_method(method_name, **METHODS[method_name])
     start = time.perf_counter()
     if mode == "stream":
@@ -85,7 +89,9 @@ def child(mode: str, method_name: str, base: str, models: list[str], out: str) -
         trees = [io.load(p) for p in (base, *models)]
         result = bj.merge(trees[0], trees[1:], method)
         io.save(result.params, out)
-    print(json.dumps({"peak_mib": rss_mib(), "after_import_mib": after_import, "seconds": time.perf_counter() - start}))
+    hwm, maxrss = peak_rss_mib()
+    print(json.dumps({"peak_mib": hwm, "ru_maxrss_mib": maxrss, "after_import_mib": after_import,
+                      "seconds": time.perf_counter() - start}))
 
 
 def main() -> None:
@@ -125,8 +131,8 @@ def main() -> None:
                 sys.exit(f"{mode} failed:\n{proc.stderr[-3000:]}")
             results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
             r = results[mode]
-            print(f"{mode:>9}: peak RSS {r['peak_mib']:8.0f} MiB  (after imports {r['after_import_mib']:.0f} MiB)  "
-                  f"{r['seconds']:.0f} s")
+            print(f"{mode:>9}: peak RSS {r['peak_mib']:6.0f} MiB (VmHWM; after imports {r['after_import_mib']:.0f} MiB; "
+                  f"ru_maxrss {r['ru_maxrss_mib']:.0f} MiB)  {r['seconds']:.0f} s")
         same = io.load(work / f"out_stream{SUFFIX[args.format]}")
         ref = io.load(work / f"out_in-memory{SUFFIX[args.format]}")
         equal = all(np.array_equal(same[k][kk], ref[k][kk]) for k in ref for kk in ref[k])

@@ -139,7 +139,7 @@ class MergeConfig(_Strict):
         try:
             return factory(**kwargs)
         except MergeError as e:
-            raise MergeError(f"{where or 'params'}: {e}") from None
+            raise MergeError(f"{where.rstrip('.') or 'params'}: {e}") from None
 
     def method_obj(self) -> Method:
         return self.build_method(self.method, self.params, "")

@@ -14,9 +14,10 @@ there only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -172,8 +173,19 @@ def output_dtype(plan: LeafPlan, out_dtype=None) -> str:
     return str(np.dtype(jax.dtypes.canonicalize_dtype(dtype))) if plan.action == "merge" else str(dtype)
 
 
-def _open(x: str | os.PathLike | LeafSource) -> LeafSource:
-    return x if isinstance(x, LeafSource) else open_source(x)
+@contextlib.contextmanager
+def _sources(base, models) -> Iterator[tuple[LeafSource, list[LeafSource]]]:
+    """Paths opened as sources (and closed after); sources given as such pass through."""
+    with contextlib.ExitStack() as stack:
+
+        def get(x):
+            if isinstance(x, LeafSource):
+                return x
+            src = open_source(x)
+            stack.callback(src.close)
+            return src
+
+        yield get(base), [get(m) for m in models]
 
 
 def merge_checkpoints(
@@ -202,22 +214,13 @@ def merge_checkpoints(
     leaves. The report is returned and, with `report_path`, written there as JSON."""
     target = Path(target)
     check_target(target, overwrite)
-    opened = []
-    try:
-        base_src = _open(base)
-        opened.append(base_src)
-        for m in models:
-            opened.append(_open(m))
-        sources = opened[1:]
+    with _sources(base, models) as (base_src, sources):
         sp = plan_stream(base_src, sources, method, rules=rules, layout=layout, names=names,
                          out_dtype=out_dtype, vocab=vocab, include=include)
         with staged_output(target, overwrite=overwrite) as staging:
             sink = open_sink(format or format_for(target), staging, sp.outputs, like=base_src, shard_size=shard_size)
             report = _run(sp, base_src, sources, sink, out_dtype, progress)
             sink.commit()
-    finally:
-        for s in opened:
-            s.close()
     warn_empty(report)
     if report_path is not None:
         tmp = Path(f"{report_path}.tmp")
@@ -270,9 +273,5 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
 
 def dry_run_checkpoints(base, models, method: Method, **kw) -> str:
     """The per-leaf table of what `merge_checkpoints` would do, from metadata only."""
-    opened = [_open(base)] + [_open(m) for m in models]
-    try:
-        return plan_stream(opened[0], opened[1:], method, **kw).describe()
-    finally:
-        for s in opened:
-            s.close()
+    with _sources(base, models) as (base_src, sources):
+        return plan_stream(base_src, sources, method, **kw).describe()
