@@ -13,7 +13,7 @@ import sys
 
 from .errors import MergeError
 
-COMMANDS: tuple[str, ...] = ()
+COMMANDS: tuple[str, ...] = ("breadcrumbs_jax.commands.demo",)
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
