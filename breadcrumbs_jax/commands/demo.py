@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from ..experiment.run import Config, format_table, run
+from ..experiment.run import METHODS, Config, format_table, run
 from ..experiment.tasks import DEFAULT_TASKS, TRANSFORMS
 
 
@@ -19,8 +19,9 @@ def register(subparsers) -> None:
         "results.json, results.md and normalized_accuracy.png to --out.",
     )
     p.add_argument("--out", default="breadcrumbs_demo", help="output folder (default: %(default)s)")
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                   help=f"comma-separated tasks, at least 2 (default: %(default)s; known: {', '.join(TRANSFORMS)})")
+    p.add_argument("--tasks", help=f"comma-separated tasks, at least 2 (default: {','.join(DEFAULT_TASKS)}; "
+                   f"known: {', '.join(TRANSFORMS)})")
+    p.add_argument("--methods", help=f"comma-separated methods (default: {','.join(METHODS)})")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds, each with its own task order (default 3)")
     p.add_argument("--search-tasks", type=int, default=None,
                    help="tune hyperparameters on the validation split of this many first tasks (default 2)")
@@ -32,8 +33,10 @@ def register(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     kw = {}
-    if args.tasks != ",".join(DEFAULT_TASKS) or not args.quick:
-        kw["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if args.tasks:
+        kw["tasks"] = _names(args.tasks)
+    if args.methods:
+        kw["methods"] = _names(args.methods)
     if args.seeds is not None:
         kw["seeds"] = tuple(range(args.seeds))
     if args.search_tasks is not None:
@@ -44,7 +47,11 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - start:6.1f} s] {s}", file=sys.stderr, flush=True)  # noqa: E731
     log(f"{len(cfg.tasks)} tasks ({', '.join(cfg.tasks)}), seeds {list(cfg.seeds)}, writing to {args.out}")
-    run(cfg, args.out, plot=not args.no_plot, log=log)
-    print(format_table(cfg, __import__("json").load(open(f"{args.out}/results.json"))["summary"]))
+    results = run(cfg, args.out, plot=not args.no_plot, log=log)
+    print(format_table(cfg, results["summary"]))
     log(f"wrote {args.out}/results.json, results.md{'' if args.no_plot else ', normalized_accuracy.png'}, checkpoints/")
     return 0
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())

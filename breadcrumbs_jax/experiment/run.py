@@ -65,6 +65,8 @@ class Config:
     def __post_init__(self):
         check_tasks(self.tasks)
         T = len(self.tasks)
+        if not self.seeds:
+            raise MergeError("give at least one seed")
         if T < 2:
             raise MergeError(f"need at least 2 tasks to merge, got {T}")
         if not 1 <= self.search_tasks <= T:
@@ -75,7 +77,8 @@ class Config:
             raise MergeError(f"counts of tasks merged must lie in [1, {T}], got {self.counts}")
         unknown = [m for m in self.methods if m not in self.grids]
         if unknown:
-            raise MergeError(f"no search grid for method(s) {', '.join(unknown)}")
+            raise MergeError(f"unknown method(s) {', '.join(unknown)}, or no search grid for them; known: "
+                             f"{', '.join(self.grids)}")
 
     @classmethod
     def quick(cls, **overrides) -> Config:
