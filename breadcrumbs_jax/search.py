@@ -44,7 +44,9 @@ def combined_delta(
     ``scale(pretrained, delta, alpha)`` equals ``merge(pretrained, finetuned, method with alpha)``.
 
     It is `merge` itself, run on the task vectors over a zero base with the method's `Scale`
-    step removed, so masks, sign election and DARE's random drops are the very same."""
+    step removed, so masks, sign election and DARE's random drops are the very same; results
+    agree to one float32 rounding (XLA may fuse the merge kernel's arithmetic differently).
+    Holds every task vector in memory, in float32."""
     if any(r.method is not None for r in rules):
         raise MergeError("rules with their own method cannot share the swept alpha; search them separately")
     finetuned = list(finetuned)
