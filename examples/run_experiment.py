@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from breadcrumbs_jax.experiment.run import DEFAULT_GRIDS, Config, format_table, run  # noqa: F401
+from breadcrumbs_jax.experiment.run import Config, format_table, run
 from breadcrumbs_jax.experiment.tasks import DEFAULT_TASKS
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -31,7 +31,7 @@ cfg = Config(
     search_tasks=args.search_tasks,
     hidden=args.hidden,
     # Any other field of Config can be set here too, e.g. a finer Breadcrumbs grid:
-    # grids={**DEFAULT_GRIDS, "breadcrumbs": {"density": (0.1, 0.2, 0.4), "gamma_top": (0.0, 0.01, 0.05)}},
+    # grids={**breadcrumbs_jax.experiment.run.DEFAULT_GRIDS, "breadcrumbs": {"density": (0.1, 0.2, 0.4), "gamma_top": (0.0, 0.01, 0.05)}},
 )
 start = time.perf_counter()
 results = run(cfg, args.out, log=lambda s: print(s, file=sys.stderr))

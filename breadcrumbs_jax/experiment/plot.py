@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 STYLE = {
     "zero_shot": dict(color="0.45", linestyle="--", marker=None, label="zero-shot"),
     "linear": dict(color="tab:gray", marker="v", label="linear soup"),
-    "task_arithmetic": dict(color="tab:blue", marker="o", label="task arithmetic"),
+    "task_arithmetic": dict(color="tab:blue", marker="o", linestyle=(0, (4, 2)), zorder=3, label="task arithmetic"),
     "ties": dict(color="tab:green", marker="s", label="TIES"),
     "dare": dict(color="tab:purple", marker="^", label="DARE"),
     "breadcrumbs": dict(color="tab:red", marker="D", label="Breadcrumbs"),
