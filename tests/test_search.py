@@ -1,13 +1,15 @@
 """The search API: the alpha sweep over one combined delta equals separate merges, and the
 search's scores and best setting equal a brute-force loop over `merge`."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import breadcrumbs_jax as bj
-from breadcrumbs_jax import search as S
+S = importlib.import_module("breadcrumbs_jax.search")  # the module, even if the package re-exports `search`
 
 
 def _models(T=3, dtype=jnp.float32):
