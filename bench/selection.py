@@ -47,7 +47,7 @@ def make(dist: str, shape, seed=0) -> np.ndarray:
 
 
 def thresholds(x):
-    part = sel.Part(sel.magnitude_keys(x), tuple(range(1, x.ndim)))
+    part = sel.Part(x, tuple(range(1, x.ndim)))
     n_bot, n_keep, _ = BAND.counts(part.size)
     return part, sel.rank_thresholds([part], [n_bot, n_bot + n_keep])
 

@@ -21,7 +21,7 @@ from .methods import Method
 from .paths import flatten
 from .plan import LeafPlan, LeafRule, Layout, format_plan, plan_tree
 from .report import LeafReport, MergeReport, leaf_report
-from .selection import Part, Threshold, magnitude_keys, rank_thresholds
+from .selection import Part, Threshold, rank_thresholds
 from .steps import LeafContext, MagnitudeBand, path_hash
 from .task_vectors import difference
 
@@ -67,7 +67,7 @@ def _merge_kernel(base, finetuned, leaf_hash, thresholds, *, method: Method, out
 @functools.partial(jax.jit, static_argnames=("selector",))
 def _global_kernel(bases, finetuned, *, selector: MagnitudeBand):
     taus = [_stack_tau(b, f) for b, f in zip(bases, finetuned)]
-    parts = [Part(magnitude_keys(t), tuple(range(1, t.ndim))) for t in taus]
+    parts = [Part(t, tuple(range(1, t.ndim))) for t in taus]
     return selector.thresholds(parts, sum(p.size for p in parts))
 
 

@@ -36,13 +36,15 @@ from jax import lax
 
 KEY_MAX = 0x7FFFFFFF  # the largest key (a NaN with every bit set); +inf is 0x7F800000
 _BLOCK = 32  # entries per block and level of the blocked reductions
-_SAMPLE_BUDGET = 1 << 16  # sampled keys per call (all groups together) ...
-_SAMPLE_SHARE = 256  # ... and at most one in this many entries
+_SAMPLE_BUDGET = 1 << 18  # sampled keys per call (all groups together) ...
+_SAMPLE_SHARE = 512  # ... and at most one in this many entries
+_SAMPLE_MAX = 1 << 16  # ... and per group
 _MARGIN = 1.25  # half-width of an interpolated bracket, in sqrt(entries in the bracket)
 _MIN_BLOCKS = 64  # extraction blocks per group at least (finer blocks for smaller groups)
 _FEW = 0.1  # extract when a bracket holds at most this many entries per block
 _BIAS = 0.003  # extra half-width of an interpolated bracket, as a share of its entries (curvature)
 _BIG = 2.0**30
+_SPREAD = 2.5  # half-width of a sampled bracket, in standard deviations of the sample's rank
 
 
 def magnitude_keys(x: jax.Array) -> jax.Array:
@@ -63,18 +65,26 @@ def flat_index(shape: Sequence[int], axes: Sequence[int]) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-    """One array of a group: its magnitude keys and the axes its group is ranked over."""
+    """One array of a group, ranked by magnitude over `axes`: float values, or their int32
+    `magnitude_keys`. Float values are best: their keys are then recomputed in each pass over the
+    data instead of being written out once (one full write of the array saved)."""
 
-    keys: jax.Array
+    values: jax.Array
     axes: tuple[int, ...]
 
     @property
+    def keys(self) -> jax.Array:
+        if jnp.issubdtype(self.values.dtype, jnp.floating):
+            return magnitude_keys(self.values)
+        return self.values
+
+    @property
     def size(self) -> int:
-        return math.prod(self.keys.shape[a] for a in self.axes)
+        return math.prod(self.values.shape[a] for a in self.axes)
 
     @property
     def index(self) -> jax.Array:
-        return flat_index(self.keys.shape, self.axes)
+        return flat_index(self.values.shape, self.axes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +104,9 @@ def _expand(g: jax.Array, ndim: int) -> jax.Array:
 
 def below(part: Part, thr: Threshold, p: int = 0) -> jax.Array:
     """Entries of `part` whose rank is below the threshold's rank."""
-    nd = part.keys.ndim
-    value, index = _expand(thr.value, nd), _expand(thr.index[p], nd)
-    return (part.keys < value) | ((part.keys == value) & (part.index < index))
+    keys = part.keys
+    value, index = _expand(thr.value, keys.ndim), _expand(thr.index[p], keys.ndim)
+    return (keys < value) | ((keys == value) & (part.index < index))
 
 
 # ---------------------------------------------------------------- blocked reductions over group axes
@@ -169,23 +179,25 @@ def _blocked(lanes: Sequence[jax.Array], extras: Sequence[tuple[jax.Array, str]]
 
 
 class _Groups:
-    """The groups of a call: their shape and how group-shaped arrays meet each part."""
+    """The groups of a call and how arrays of one value per group and target meet each part.
+
+    Per-group values of all targets are stacked: [targets, *shape]."""
 
     def __init__(self, parts: Sequence[Part]):
         self.parts = tuple(parts)
         self.multi = len(parts) > 1
         if self.multi:
             for p in parts:
-                if tuple(p.axes) != tuple(range(1, p.keys.ndim)):
+                if tuple(p.axes) != tuple(range(1, p.values.ndim)):
                     raise ValueError("with several parts, each part is ranked over all axes but the first")
-            self.shape = (parts[0].keys.shape[0],)
+            self.shape = (parts[0].values.shape[0],)
         else:
             p = parts[0]
-            self.shape = tuple(1 if a in p.axes else d for a, d in enumerate(p.keys.shape))
+            self.shape = tuple(1 if a in p.axes else d for a, d in enumerate(p.values.shape))
         self.size = sum(p.size for p in parts)
         if self.size >= KEY_MAX:
             raise ValueError(f"a group of {self.size} entries does not fit int32 counts")
-        self.plans = tuple(_block_plan(p.keys.shape, p.axes) for p in parts)
+        self.plans = tuple(_block_plan(p.values.shape, p.axes) for p in parts)
         # extraction keeps one min/max per block at the coarsest level with enough blocks per group
         self.at, self.blocks = [], 0
         for p, plan in zip(parts, self.plans):
@@ -197,12 +209,14 @@ class _Groups:
             self.at.append(at)
             self.blocks += p.size // r
 
-    def expand(self, g: jax.Array, p: int) -> jax.Array:
-        return _expand(g, self.parts[p].keys.ndim)
+    def expand(self, g: jax.Array, p: int, lead: int = 1) -> jax.Array:
+        """[*lead, *shape] values against part p's arrays with `lead` extra leading axes."""
+        return g.reshape(g.shape + (1,) * (self.parts[p].values.ndim + lead - g.ndim))
 
-    def total(self, x: jax.Array, p: int) -> jax.Array:
-        """Sum a (blocked) array of part `p` over its group axes: group-shaped."""
-        return jnp.sum(x, axis=self.parts[p].axes, keepdims=True).reshape(self.shape)
+    def total(self, x: jax.Array, p: int, lead: int = 1) -> jax.Array:
+        """Sum an array of part p (blocked or not; `lead` extra leading axes) over its group axes."""
+        axes = tuple(a + lead for a in self.parts[p].axes)
+        return jnp.sum(x, axis=axes, keepdims=True).reshape(x.shape[:lead] + self.shape)
 
 
 # ---------------------------------------------------------------- the value of each target rank
@@ -210,8 +224,9 @@ class _Groups:
 
 @dataclasses.dataclass(frozen=True)
 class _Bracket:
-    """Keys [lo, hi] hold the target's value; c_lo entries lie below lo, c_hi up to hi. `hint`:
-    (has one, lo, hi, expected entries between) pivots for the next pass, from a miss or an extraction."""
+    """Keys [lo, hi] hold each target's value; c_lo entries lie below lo, c_hi up to hi. `hint`:
+    (has one, lo, hi, expected entries between) pivots for the next pass, from a miss or an
+    extraction. Every field is [targets, *groups]."""
 
     lo: jax.Array
     hi: jax.Array
@@ -233,10 +248,10 @@ def _sample(groups: _Groups, budget: int) -> jax.Array:
     if groups.size * n_groups <= budget:
         per_group = groups.size
     else:
-        per_group = max(64, min(budget, groups.size * n_groups // _SAMPLE_SHARE) // n_groups)
+        per_group = max(64, min(_SAMPLE_MAX, min(budget, groups.size * n_groups // _SAMPLE_SHARE) // n_groups))
     pieces = []
     for part in groups.parts:
-        shape, axes = part.keys.shape, sorted(part.axes)
+        shape, axes = part.values.shape, sorted(part.axes)
         factor = groups.size / per_group  # one entry in `factor` of every part
         slices = [slice(None)] * len(shape)
         for i, a in enumerate(sorted(axes, key=lambda a: shape[a])):
@@ -244,31 +259,35 @@ def _sample(groups: _Groups, budget: int) -> jax.Array:
             step |= 1 if step > 1 else 0  # odd strides do not alias with power-of-two structure
             factor /= step
             slices[a] = slice(step // 2, None, step)
-        s = part.keys[tuple(slices)]
+        s = Part(part.values[tuple(slices)], ()).keys
         s = jnp.moveaxis(s, axes, list(range(s.ndim - len(axes), s.ndim)))
         s = s.reshape(s.shape[: s.ndim - len(axes)] + (-1,))
         pieces.append(s if groups.multi else s.reshape(groups.shape + (-1,)))
     return jnp.sort(jnp.concatenate(pieces, axis=-1), axis=-1)
 
 
-def _sample_pivots(sample: jax.Array, k: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-    """Sample keys that bracket rank k, three standard deviations of the sample's rank either side."""
+def _sample_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sample keys that bracket rank k inside [lo, hi], where the rank of the target among the sample
+    points in [lo, hi] is expected +- 2.5 standard deviations; the bracket's own end where the sample
+    runs out. Also the share of the bracket's entries expected between them."""
     s = sample.shape[-1]
+    sample = jnp.broadcast_to(sample, k.shape + (s,))
+    first = jnp.sum(sample < b.lo[..., None], axis=-1, dtype=jnp.int32)
+    m = jnp.sum(sample <= b.hi[..., None], axis=-1, dtype=jnp.int32) - first
+    f = ((k - b.c_lo).astype(jnp.float32) + 0.5) / jnp.maximum(b.c_hi - b.c_lo, 1).astype(jnp.float32)
+    pos = first + f * m - 0.5
+    sd = _SPREAD * jnp.sqrt(m * f * (1 - f)) + 1.0
+    i_lo, i_hi = jnp.floor(pos - sd).astype(jnp.int32), jnp.ceil(pos + sd).astype(jnp.int32)
     pick = lambda i: jnp.take_along_axis(sample, jnp.clip(i, 0, s - 1)[..., None], axis=-1)[..., 0]  # noqa: E731
-    if s == n:  # the sample is the group: its k-th key is the value
-        return pick(k), pick(k)
-    q = (k.astype(jnp.float32) + 0.5) / n
-    pos = q * s - 0.5
-    m = 3.0 * jnp.sqrt(s * q * (1 - q)) + 1.0
-    i_lo = jnp.floor(pos - m).astype(jnp.int32)
-    i_hi = jnp.ceil(pos + m).astype(jnp.int32)
-    return jnp.where(i_lo < 0, 0, pick(i_lo)), jnp.where(i_hi >= s, KEY_MAX, pick(i_hi))
+    share = (jnp.minimum(i_hi, first + m) - jnp.maximum(i_lo, first) + 1) / jnp.maximum(m, 1)
+    return jnp.where(i_lo < first, b.lo, pick(i_lo)), jnp.where(i_hi >= first + m, b.hi, pick(i_hi)), share
 
 
-def _interp_pivots(b: _Bracket, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The hint if there is one; else pivots around the key where rank k is expected if the keys in
-    [lo, hi] were evenly spread (a single pivot when that would not shrink the bracket). Also the
-    expected number of entries between them."""
+def _interp_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ...]:
+    """Pivots for the next pass: the hint if there is one; else around the key where rank k is
+    expected if the keys in [lo, hi] were evenly spread, when that agrees with the sample (it does
+    not where keys cluster, as runs of ties do), and the sample's bracket when not. Also the
+    expected number of entries between them, and whether the bracket could not be narrowed."""
     r = jnp.maximum(b.c_hi - b.c_lo, 1).astype(jnp.float32)
     width = (b.hi - b.lo).astype(jnp.float32) + 1.0
     off = jnp.floor(((k - b.c_lo).astype(jnp.float32) + 0.5) / r * width)
@@ -277,12 +296,16 @@ def _interp_pivots(b: _Bracket, k: jax.Array) -> tuple[jax.Array, jax.Array, jax
     mk = jnp.minimum(jnp.ceil(m / r * width), _BIG).astype(jnp.int32)
     p_lo = jnp.where(center - b.lo <= mk, b.lo, center - mk)
     p_hi = jnp.where(b.hi - center <= mk, b.hi, center + mk)
-    pin = (p_lo == b.lo) & (p_hi == b.hi)
+    expected = jnp.minimum(r, 2 * m + 1)
+    s_lo, s_hi, share = _sample_pivots(sample, b, k)
+    linear = (s_lo <= p_lo) & (p_hi <= s_hi)
     has, h_lo, h_hi, h_n = b.hint
-    p_lo = jnp.where(has, h_lo, jnp.where(pin, center, p_lo))
-    p_hi = jnp.where(has, h_hi, jnp.where(pin, center, p_hi))
-    expected = jnp.where(has, h_n, jnp.where(pin, 1.0, jnp.minimum(r, 2 * m + 1)))
-    return p_lo, p_hi, expected
+    p_lo = jnp.where(has, h_lo, jnp.where(linear, p_lo, s_lo))
+    p_hi = jnp.where(has, h_hi, jnp.where(linear, p_hi, s_hi))
+    expected = jnp.where(has, h_n, jnp.where(linear, expected, share * r))
+    pin = (p_lo == b.lo) & (p_hi == b.hi)  # counting there would not narrow the bracket
+    p_lo, p_hi = jnp.where(pin, center, p_lo), jnp.where(pin, center, p_hi)
+    return p_lo, p_hi, jnp.where(pin, 1.0, expected), pin
 
 
 def _update(b: _Bracket, k, p_lo, p_hi, c_below, c_upto) -> _Bracket:
@@ -290,144 +313,148 @@ def _update(b: _Bracket, k, p_lo, p_hi, c_below, c_upto) -> _Bracket:
     miss, hint pivots extrapolated from the density of entries between the pivots."""
     fixed = b.lo == b.hi  # resolved (or k == 0 or k == n): keep
     low, high = ~fixed & (k < c_below), ~fixed & (k >= c_upto)
-    lo = jnp.where(low, b.lo, jnp.where(high, p_hi + 1, jnp.where(fixed, b.lo, p_lo)))
-    hi = jnp.where(low, p_lo - 1, jnp.where(high, b.hi, jnp.where(fixed, b.hi, p_hi)))
-    c_lo = jnp.where(low, b.c_lo, jnp.where(high, c_upto, jnp.where(fixed, b.c_lo, c_below)))
-    c_hi = jnp.where(low, c_below, jnp.where(high, b.c_hi, jnp.where(fixed, b.c_hi, c_upto)))
-    # entries per key between the pivots; the target lies d entries beyond the pivot it missed
-    density = (c_upto - c_below).astype(jnp.float32) / ((p_hi - p_lo).astype(jnp.float32) + 1.0)
+    inner = ~fixed & ~low & ~high
+    lo = jnp.where(low | fixed, b.lo, jnp.where(high, p_hi + 1, p_lo))
+    hi = jnp.where(high | fixed, b.hi, jnp.where(low, p_lo - 1, p_hi))
+    c_lo = jnp.where(high, c_upto, jnp.where(inner, c_below, b.c_lo))
+    c_hi = jnp.where(low, c_below, jnp.where(inner, c_upto, b.c_hi))
+    # After a miss the target lies d entries beyond the pivot it missed. Two estimates of its key:
+    # the tangent (the density between the pivots) and the chord (the density across the new
+    # bracket); where the density is monotone they lie on either side of it.
     d = jnp.where(low, c_below - k, k - c_upto + 1).astype(jnp.float32)
-    step = jnp.minimum(jnp.ceil(d / jnp.maximum(density, 1e-30)), _BIG).astype(jnp.int32)
-    m = _MARGIN * jnp.sqrt(d) + 0.25 * d + 2.0
-    mk = jnp.minimum(jnp.ceil(m / jnp.maximum(density, 1e-30)), _BIG).astype(jnp.int32)
-    center = jnp.where(low, jnp.maximum(p_lo - step, lo), jnp.minimum(p_hi + step, hi))
-    h_lo = jnp.where(center - lo <= mk, lo, center - mk)
-    h_hi = jnp.where(hi - center <= mk, hi, center + mk)
-    guess = c_upto - c_below >= 2  # else no density to go by: halve the bracket
-    mid = lo + (hi - lo) // 2
-    hint = (low | high, jnp.where(guess, h_lo, mid), jnp.where(guess, h_hi, mid), jnp.where(guess, 2 * m + 1, 1.0))
+    near = (c_upto - c_below).astype(jnp.float32) / ((p_hi - p_lo).astype(jnp.float32) + 1.0)
+    across = (c_hi - c_lo).astype(jnp.float32) / ((hi - lo).astype(jnp.float32) + 1.0)
+    m = _MARGIN * jnp.sqrt(d) + 2.0  # sampling noise, in entries
+    reach = [jnp.minimum(jnp.ceil(x / jnp.maximum(rho, 1e-30)), _BIG).astype(jnp.int32)
+             for x, rho in ((d - m, jnp.maximum(near, across)), (d + m, jnp.minimum(near, across)))]
+    h_lo = jnp.where(low, jnp.maximum(p_lo - reach[1], lo), jnp.minimum(p_hi + reach[0], hi))
+    h_hi = jnp.where(low, jnp.maximum(p_lo - reach[0], lo), jnp.minimum(p_hi + reach[1], hi))
+    expected = (d + m) / jnp.maximum(jnp.minimum(near, across), 1e-30) * across  # entries in [h_lo, h_hi], about
+    # with no entries between the pivots the keys are sparse (few distinct values): extract it all
+    guess = c_upto - c_below >= 2
+    hint = (low | high, jnp.where(guess, h_lo, lo), jnp.where(guess, h_hi, hi), jnp.where(guess, expected, 0.0))
+    hint = hint[:3] + (jnp.zeros_like(expected),)
     return _Bracket(lo, hi, c_lo, c_hi, hint)
 
 
-def _value_pass(groups: _Groups, pivots, extract: bool):
-    """Count the entries below each pivot ([key < lo'], [key <= hi'] per target); with `extract`, also
+def _value_pass(groups: _Groups, p_lo: jax.Array, p_hi: jax.Array, extract: bool):
+    """Count the entries below each target's pivots ([key < lo'], [key <= hi']); with `extract`, also
     the min and max key of each block among the candidates of all targets (lo' <= key <= hi'), and
     per target the block's number of candidates."""
-    counts = [[jnp.zeros(groups.shape, jnp.int32)] * 2 for _ in pivots]
-    stats = []
+    n_t = p_lo.shape[0]
+    below, upto, stats = 0, 0, []
     for p, (part, plan) in enumerate(zip(groups.parts, groups.plans)):
         keys = part.keys
-        bounds = [(groups.expand(lo, p), groups.expand(hi, p)) for lo, hi in pivots]
-        lanes = [x for lo, hi in bounds for x in (keys < lo, keys <= hi)]
+        lo, hi = groups.expand(p_lo, p, 0), groups.expand(p_hi, p, 0)
+        lanes = [x for t in range(n_t) for x in (keys < lo[t], keys <= hi[t])]
         extras = []
         if extract:
-            cand = functools.reduce(jnp.logical_or, [(keys >= lo) & (keys <= hi) for lo, hi in bounds])
+            cand = functools.reduce(jnp.logical_or, [(keys >= lo[t]) & (keys <= hi[t]) for t in range(n_t)])
             extras = [(jnp.where(cand, keys, KEY_MAX), "min"), (jnp.where(cand, keys, -1), "max")]
         lanes, (fine, extras) = _blocked(lanes, extras, plan, groups.at[p] if extract else 0)
-        for t in range(len(pivots)):
-            counts[t][0] = counts[t][0] + groups.total(lanes[2 * t], p)
-            counts[t][1] = counts[t][1] + groups.total(lanes[2 * t + 1], p)
+        below = below + groups.total(jnp.stack(lanes[0::2]), p)
+        upto = upto + groups.total(jnp.stack(lanes[1::2]), p)
         if extract:
-            stats.append((*extras, [fine[2 * t + 1] - fine[2 * t] for t in range(len(pivots))]))
-    return counts, stats
+            stats.append((*extras, jnp.stack(fine[1::2]) - jnp.stack(fine[0::2])))
+    return below, upto, stats
 
 
-def _select_extracted(groups: _Groups, stats, t: int, j: jax.Array, lo: jax.Array, hi: jax.Array):
-    """From per-block (min, max) of all candidates and target t's per-block count of candidates in
-    [lo, hi]: keys a <= b between which t's j-th smallest candidate (0-based) lies, with the candidates
-    below and up to a. `complete` (then a == b and the counts are exact) unless some block held
-    more of t's candidates than its min and max."""
-    weights, incomplete = [], jnp.zeros(groups.shape, jnp.int32)
-    for p, (mn, mx, cs) in enumerate(stats):
-        c = cs[t]
+def _select_extracted(groups: _Groups, stats, j: jax.Array, lo: jax.Array, hi: jax.Array):
+    """From per-block (min, max) of all candidates and each target's per-block count of candidates in
+    its [lo, hi]: keys a <= b between which the target's j-th smallest candidate (0-based) lies, and
+    the candidates below and up to a. `complete` (then a == b and the counts are exact) unless some
+    block held more of the target's candidates than its min and max."""
+    weights, incomplete = [], 0
+    for p, (mn, mx, c) in enumerate(stats):
         lo_p, hi_p = groups.expand(lo, p), groups.expand(hi, p)
         same = mn == mx
         w_mn = jnp.where((mn >= lo_p) & (mn <= hi_p), jnp.where(same, c, 1), 0)
         w_mx = ((mx >= lo_p) & (mx <= hi_p) & ~same).astype(jnp.int32)
-        middle = c - w_mn - w_mx  # t's candidates strictly between min and max, unseen
-        weights.append((mn, mx, w_mn, w_mx, middle, jnp.maximum(mn, lo_p), jnp.minimum(mx, hi_p)))
+        middle = c - w_mn - w_mx  # the target's candidates strictly between min and max, unseen
+        # the unseen counted as low as they may lie (upper bound of ranks), then as high (lower bound)
+        at = jnp.stack([jnp.maximum(mn, lo_p), jnp.minimum(mx, hi_p)])
+        weights.append((mn, mx, w_mn, w_mx, middle, at))
         incomplete = incomplete + groups.total((middle > 0).astype(jnp.int32), p)
 
-    def upto(u, bound):  # bound of the number of t's candidates <= u: 'upper' or 'lower'
-        total = jnp.zeros(groups.shape, jnp.int32)
-        for p, (mn, mx, w_mn, w_mx, middle, first, last) in enumerate(weights):
-            ue = groups.expand(u, p)
-            at = first if bound == "upper" else last
+    def upto(u):  # [2, targets, *groups] bounds (upper, lower) of the candidates <= u
+        total = 0
+        for p, (mn, mx, w_mn, w_mx, middle, at) in enumerate(weights):
+            ue = groups.expand(u, p, 2)
             x = jnp.where(mn <= ue, w_mn, 0) + jnp.where(mx <= ue, w_mx, 0) + jnp.where(at <= ue, middle, 0)
-            total = total + groups.total(x, p)
+            total = total + groups.total(x, p, 2)
         return total
 
-    def first_above(bound):  # smallest u in [lo, hi] with upto(u) > j
-        def step(ab):
-            a, b = ab
-            mid = a + (b - a) // 2
-            ok = upto(mid, bound) > j
-            return jnp.where(ok, a, mid + 1), jnp.where(ok, mid, b)
+    def step(s):
+        a, b, c_a, c_b = s  # c_a: candidates < a, c_b: candidates <= b
+        mid = a + (b - a) // 2
+        c = upto(mid)
+        ok = (c > j) | (a == b)
+        return jnp.where(ok, a, mid + 1), jnp.where(ok, mid, b), jnp.where(ok, c_a, c), jnp.where(ok & (a < b), c, c_b)
 
-        return lax.while_loop(lambda ab: jnp.any(ab[0] < ab[1]), step, (lo, hi))[0]
+    total = sum(groups.total(c, p) for p, (_, _, c) in enumerate(stats))
+    start = (jnp.stack([lo, lo]), jnp.stack([hi, hi]), jnp.zeros((2, *j.shape), jnp.int32), jnp.stack([total, total]))
+    a, _, c_a, c_b = lax.while_loop(lambda s: jnp.any(s[0] < s[1]), step, start)
+    return a[0], a[1], c_a[0], c_b[0], incomplete == 0  # the counts are exact when complete
 
-    a = first_above("upper")
-    b = lax.cond(jnp.any(incomplete > 0), lambda: first_above("lower"), lambda: a)
-    return a, b, upto(a - 1, "upper"), upto(a, "upper"), incomplete == 0
 
-
-def _value_search(groups: _Groups, ks: Sequence[jax.Array], budget: int) -> list[_Bracket]:
-    """Brackets [v, v] of the value of each target rank, with exact counts below and up to v."""
+def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
+    """Brackets [v, v] of the value of each target rank k ([targets, *groups]), with exact counts
+    below and up to v."""
     n = groups.size
-    no = jnp.zeros(groups.shape, bool)
-    zero = jnp.zeros(groups.shape, jnp.int32)
-    start = []
-    for k in ks:
-        # k == 0: nothing below (value 0, index 0); k == n: everything below (index = size)
-        open_, edge = (k > 0) & (k < n), jnp.where(k == 0, 0, KEY_MAX)
-        start.append(_Bracket(
-            jnp.where(open_, 0, edge), jnp.where(open_, KEY_MAX, edge),
-            jnp.where(open_, 0, k), jnp.where(open_, n, k), (no, zero, zero, zero.astype(jnp.float32)),
-        ))
+    no = jnp.zeros(k.shape, bool)
+    zero = jnp.zeros(k.shape, jnp.int32)
+    # k == 0: nothing below (value 0, index 0); k == n: everything below (index = size)
+    open_, edge = (k > 0) & (k < n), jnp.where(k == 0, 0, KEY_MAX)
+    start = _Bracket(
+        jnp.where(open_, 0, edge), jnp.where(open_, KEY_MAX, edge),
+        jnp.where(open_, 0, k), jnp.where(open_, n, k), (no, zero, zero, zero.astype(jnp.float32)),
+    )
 
-    # first pass: pivots from the sample
+    # the first pass takes its pivots from the sample, later ones interpolate; extract once every
+    # open bracket holds (or is expected to hold) few entries
     sample = _sample(groups, budget)
-    pivots = [_sample_pivots(sample, k, n) for k in ks]
-    counts, _ = _value_pass(groups, pivots, extract=False)
-    brackets = [_update(b, k, lo, hi, *c) for b, k, (lo, hi), c in zip(start, ks, pivots, counts)]
-
-    # then interpolate, and extract once every open bracket holds (or is expected to) few entries
+    if sample.shape[-1] == n:  # the sample is the group: its k-th key is the value
+        v = jnp.take_along_axis(jnp.broadcast_to(sample, k.shape + (n,)), jnp.minimum(k, n - 1)[..., None], axis=-1)[..., 0]
+        s_lo = s_hi = v
+    else:
+        s_lo, s_hi, _ = _sample_pivots(sample, start, k)
+    start = start.replace(hint=(open_, s_lo, s_hi, jnp.full(k.shape, jnp.inf)))
     few = n if not any(groups.at) else max(2.0, _FEW * groups.blocks)  # blocks of one entry are always complete
 
-    def body(bs):
-        chosen = [_interp_pivots(b, k) for b, k in zip(bs, ks)]
-        small = [(b.c_hi - b.c_lo <= few) & ~b.hint[0] for b in bs]
-        ready = [(b.lo == b.hi) | s | (e <= few) for b, s, (_, _, e) in zip(bs, small, chosen)]
-        extract = jnp.all(jnp.stack([jnp.all(r) for r in ready]))
+    def body(b: _Bracket) -> _Bracket:
+        p_lo, p_hi, expected, pin = _interp_pivots(sample, b, k)
+        # extract the whole bracket when it holds few entries or few keys (runs of ties are always
+        # complete) or cannot be narrowed; extracting costs more than counting, but not much: do it
+        # as soon as one bracket is ready
+        whole = (((b.c_hi - b.c_lo <= few) | (b.hi - b.lo < 2)) & ~b.hint[0]) | pin
+        ready = whole | (expected <= few)
+        extract = jnp.any((b.lo < b.hi) & ready)
+        p_lo, p_hi = jnp.where(whole & extract, b.lo, p_lo), jnp.where(whole & extract, b.hi, p_hi)
 
         def count_only(_):
-            pivots = [(lo, hi) for lo, hi, _ in chosen]
-            counts, _ = _value_pass(groups, pivots, extract=False)
-            return [_update(b, k, lo, hi, *c) for b, k, (lo, hi), c in zip(bs, ks, pivots, counts)]
+            below, upto, _ = _value_pass(groups, p_lo, p_hi, extract=False)
+            return below, upto, (p_lo, p_lo, below, below, jnp.zeros(k.shape, bool))
 
         def with_extraction(_):
-            pivots = [(jnp.where(s, b.lo, lo), jnp.where(s, b.hi, hi)) for b, s, (lo, hi, _) in zip(bs, small, chosen)]
-            counts, stats = _value_pass(groups, pivots, extract=True)
-            out = []
-            for t, (b, k, (lo, hi), c) in enumerate(zip(bs, ks, pivots, counts)):
-                nb = _update(b, k, lo, hi, *c)
-                a, z, c_lt, c_le, complete = _select_extracted(groups, stats, t, k - c[0], lo, hi)
-                inside = ~nb.hint[0] & (nb.lo < nb.hi)
-                done = inside & complete
-                hint = tuple(jnp.where(inside, x, y) for x, y in zip((~complete, a, z, jnp.zeros_like(nb.hint[3])), nb.hint))
-                out.append(nb.replace(
-                    lo=jnp.where(done, a, nb.lo), hi=jnp.where(done, a, nb.hi),
-                    c_lo=jnp.where(done, c[0] + c_lt, nb.c_lo), c_hi=jnp.where(done, c[0] + c_le, nb.c_hi),
-                    hint=hint,
-                ))
-            return out
+            below, upto, stats = _value_pass(groups, p_lo, p_hi, extract=True)
+            return below, upto, _select_extracted(groups, stats, k - below, p_lo, p_hi)
 
-        return lax.cond(extract, with_extraction, count_only, None)
+        below, upto, (a, z, c_lt, c_le, complete) = lax.cond(extract, with_extraction, count_only, None)
+        nb = _update(b, k, p_lo, p_hi, below, upto)
+        inside = ~nb.hint[0] & (nb.lo < nb.hi)
+        done = inside & complete
+        # the extraction's bounds are the next pivots; halve the bracket if they would not narrow it
+        refine = inside & extract & ready & ~complete
+        narrow = (a > nb.lo) | (z < nb.hi)
+        mid = nb.lo + (nb.hi - nb.lo) // 2
+        a, z = jnp.where(narrow, a, mid), jnp.where(narrow, z, mid)
+        return nb.replace(
+            lo=jnp.where(done, a, nb.lo), hi=jnp.where(done, a, nb.hi),
+            c_lo=jnp.where(done, below + c_lt, nb.c_lo), c_hi=jnp.where(done, below + c_le, nb.c_hi),
+            hint=tuple(jnp.where(refine, x, y) for x, y in zip((refine, a, z, jnp.zeros(k.shape)), nb.hint)),
+        )
 
-    def cont(bs):
-        return jnp.any(jnp.stack([jnp.any(b.lo < b.hi) for b in bs]))
-
-    return lax.while_loop(cont, body, brackets)
+    return lax.while_loop(lambda b: jnp.any(b.lo < b.hi), body, start)
 
 
 # ---------------------------------------------------------------- the index threshold inside a run of ties
@@ -436,7 +463,7 @@ def _value_search(groups: _Groups, ks: Sequence[jax.Array], budget: int) -> list
 def _lines(part: Part) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The part's shape for positional search, and its group axes there: a single group axis is split
     in two near its square root, so that no running sum spans a whole group."""
-    shape, axes = tuple(part.keys.shape), tuple(sorted(part.axes))
+    shape, axes = tuple(part.values.shape), tuple(sorted(part.axes))
     if len(axes) != 1 or shape[axes[0]] < 64:
         return shape, axes
     a, d = axes[0], shape[axes[0]]
@@ -447,23 +474,20 @@ def _lines(part: Part) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def _in_view(g: jax.Array, shape: Sequence[int], axes: Sequence[int]) -> jax.Array:
-    """A group-shaped array broadcastable against a part viewed as `shape` with group `axes`."""
-    return g.reshape(tuple(1 if a in axes else d for a, d in enumerate(shape)))
+    """[targets, *groups] values against a part viewed as `shape` with group `axes` (plus targets)."""
+    return g.reshape(g.shape[:1] + tuple(1 if a in axes else d for a, d in enumerate(shape)))
 
 
-def _count_along(groups: _Groups, masks: Sequence[jax.Array], axes: Sequence[int], axis: int | None) -> list[jax.Array]:
-    """Per-group counts of each mask at each position along `axis`, summed over the other group
-    `axes`: [*groups.shape, d] (d = 1 when the part has no group axis)."""
-    others = [a for a in axes if a != axis]
-    xs = [m.astype(jnp.int32) for m in masks]
-    for block in _block_plan(xs[0].shape, others, levels=1):
-        xs = _reduce_blocks(xs, ["sum"] * len(xs), block)
-    out = []
-    for x in xs:
-        c = jnp.sum(x, axis=tuple(others), keepdims=True)
-        c = c[..., None] if axis is None else jnp.moveaxis(c, axis, -1)
-        out.append(c.reshape(groups.shape + (c.shape[-1],)))
-    return out
+def _count_along(groups: _Groups, mask: jax.Array, axes: Sequence[int], axis: int | None) -> jax.Array:
+    """Counts of a [targets, *view] mask at each position along view `axis`, summed over the other
+    group `axes`: [targets, *groups, d] (d = 1 when the part has no group axis)."""
+    others = [a + 1 for a in axes if a != axis]
+    x = mask.astype(jnp.int32)
+    for block in _block_plan(x.shape, others, levels=1):
+        x = _reduce_blocks([x], ["sum"], block)[0]
+    c = jnp.sum(x, axis=tuple(others), keepdims=True)
+    c = c[..., None] if axis is None else jnp.moveaxis(c, axis + 1, -1)
+    return c.reshape(c.shape[:1] + groups.shape + (c.shape[-1],))
 
 
 def _locate(counts: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -473,56 +497,42 @@ def _locate(counts: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(before, axis=-1, dtype=jnp.int32), jnp.sum(jnp.where(before, counts, 0), axis=-1)
 
 
-def _index_search(groups: _Groups, values: Sequence[jax.Array], js: Sequence[jax.Array]) -> list[list[jax.Array]]:
-    """Index threshold per part of each target: the position (ties ordered by part, then by flat
-    index) before which exactly j entries equal the value. One pass per group axis."""
+def _index_search(groups: _Groups, value: jax.Array, j: jax.Array) -> list[jax.Array]:
+    """Index threshold per part of each target ([targets, *groups] each): the position (ties ordered
+    by part, then by flat index) before which exactly j entries equal the value. One pass per group
+    axis; the first also picks the part."""
     views = [_lines(p) for p in groups.parts]
-    ties = []
-    for p, (part, (shape, _)) in enumerate(zip(groups.parts, views)):
-        keys = part.keys.reshape(shape)
-        ties.append([keys == _in_view(v, shape, views[p][1]) for v in values])
+    ties = [p.keys.reshape(shape)[None] == _in_view(value, shape, axes) for p, (shape, axes) in zip(groups.parts, views)]
 
-    # the first pass picks the part and the position along its first group axis, in one running sum
     firsts = [_count_along(groups, t, axes, axes[0] if axes else None) for t, (_, axes) in zip(ties, views)]
     starts = [0]
     for f in firsts:
-        starts.append(starts[-1] + f[0].shape[-1])
-    chosen, pos, rest = [], [], []
-    for t, j in enumerate(js):
-        x, base = _locate(jnp.concatenate([f[t] for f in firsts], axis=-1), j)
-        part = sum(jnp.where(x >= s, 1, 0) for s in starts[1:-1]) + jnp.zeros_like(x)
-        chosen.append(part)
-        pos.append([x - sum(jnp.where(part == p, s, 0) for p, s in enumerate(starts[:-1]))])
-        rest.append(j - base)
+        starts.append(starts[-1] + f.shape[-1])
+    x, base = _locate(jnp.concatenate(firsts, axis=-1), j)
+    chosen = sum(jnp.where(x >= s, 1, 0) for s in starts[1:-1]) + jnp.zeros_like(x)
+    pos = [x - sum(jnp.where(chosen == p, s, 0) for p, s in enumerate(starts[:-1]))]
+    rest = j - base
 
-    # each further pass: the same along the next axis, within the chosen line
     for level in range(1, max(len(axes) for _, axes in views)):
-        found = [[] for _ in js]
-        for p, (shape, axes) in enumerate(views):
+        x, base = 0, 0
+        for p, ((shape, axes), t) in enumerate(zip(views, ties)):
             if len(axes) <= level:
                 continue
-            masks = []
-            for t in range(len(js)):
-                m = ties[p][t] & (_in_view(chosen[t], shape, axes) == p)
-                for lv in range(level):
-                    m = m & (lax.broadcasted_iota(jnp.int32, shape, axes[lv]) == _in_view(pos[t][lv], shape, axes))
-                masks.append(m)
-            for t, c in enumerate(_count_along(groups, masks, axes, axes[level])):
-                found[t].append((p, *_locate(c, rest[t])))
-        for t in range(len(js)):
-            pos[t].append(sum(jnp.where(chosen[t] == p, x, 0) for p, x, _ in found[t]))
-            rest[t] = rest[t] - sum(jnp.where(chosen[t] == p, base, 0) for p, _, base in found[t])
+            m = t & (_in_view(chosen, shape, axes) == p)
+            for lv in range(level):
+                m = m & (lax.broadcasted_iota(jnp.int32, (1, *shape), axes[lv] + 1) == _in_view(pos[lv], shape, axes))
+            xp, bp = _locate(_count_along(groups, m, axes, axes[level]), rest)
+            x, base = x + jnp.where(chosen == p, xp, 0), base + jnp.where(chosen == p, bp, 0)
+        pos.append(x)
+        rest = rest - base
 
     out = []
-    for t in range(len(js)):
-        per_part = []
-        for p, (part, (shape, axes)) in enumerate(zip(groups.parts, views)):
-            flat, stride = jnp.zeros(groups.shape, jnp.int32), 1
-            for lv in reversed(range(len(axes))):
-                flat = flat + pos[t][lv] * stride
-                stride *= shape[axes[lv]]
-            per_part.append(jnp.where(chosen[t] > p, part.size, jnp.where(chosen[t] == p, flat, 0)))
-        out.append(per_part)
+    for p, (part, (shape, axes)) in enumerate(zip(groups.parts, views)):
+        flat, stride = jnp.zeros_like(j), 1
+        for lv in reversed(range(len(axes))):
+            flat = flat + pos[lv] * stride
+            stride *= shape[axes[lv]]
+        out.append(jnp.where(chosen > p, part.size, jnp.where(chosen == p, flat, 0)))
     return out
 
 
@@ -538,15 +548,10 @@ def rank_thresholds(
     result.
     """
     groups = _Groups(parts)
-    ks = [jnp.broadcast_to(jnp.asarray(k, jnp.int32), groups.shape) for k in ranks]
-    brackets = _value_search(groups, ks, _SAMPLE_BUDGET if sample is None else sample)
-    values = [b.lo for b in brackets]
-    js = [jnp.where(k == groups.size, 0, k - b.c_lo) for k, b in zip(ks, brackets)]
-    need = jnp.any(jnp.stack([jnp.any(j > 0) for j in js]))
-    zeros = [[jnp.zeros(groups.shape, jnp.int32) for _ in parts] for _ in ks]
-    index = lax.cond(need, lambda: _index_search(groups, values, js), lambda: zeros)
-    out = []
-    for k, v, idx in zip(ks, values, index):
-        full = k == groups.size
-        out.append(Threshold(v, tuple(jnp.where(full, p.size, i) for p, i in zip(parts, idx))))
-    return out
+    k = jnp.stack([jnp.broadcast_to(jnp.asarray(r, jnp.int32), groups.shape) for r in ranks])
+    b = _value_search(groups, k, _SAMPLE_BUDGET if sample is None else sample)
+    j = jnp.where(k == groups.size, 0, k - b.c_lo)  # entries equal to the value that rank below k
+    zeros = [jnp.zeros(k.shape, jnp.int32) for _ in parts]
+    index = lax.cond(jnp.any(j > 0), lambda: _index_search(groups, b.lo, j), lambda: zeros)
+    index = [jnp.where(k == groups.size, p.size, i) for p, i in zip(parts, index)]
+    return [Threshold(b.lo[t], tuple(i[t] for i in index)) for t in range(len(ranks))]

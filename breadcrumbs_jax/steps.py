@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from .band import Band, exact_fraction
-from .selection import Part, Threshold, below, magnitude_keys, rank_thresholds
+from .selection import Part, Threshold, below, rank_thresholds
 
 Granularity = Literal["tensor", "row", "global"]
 GRANULARITIES = ("tensor", "row", "global")
@@ -104,7 +104,7 @@ class MagnitudeBand:
 
     def mask(self, tau: jax.Array, ctx: LeafContext = LeafContext()) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(keep, dropped_low, dropped_high) boolean masks of a [T, ...] task-vector stack."""
-        part = Part(magnitude_keys(tau), group_axes(tau.ndim, self.granularity, ctx.out_axis))
+        part = Part(tau, group_axes(tau.ndim, self.granularity, ctx.out_axis))
         if self.granularity == "global":
             if ctx.thresholds is None:
                 raise ValueError("global granularity needs thresholds computed over all leaves")
