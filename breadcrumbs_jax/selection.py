@@ -345,7 +345,7 @@ def _value_pass(groups: _Groups, p_lo: jax.Array, p_hi: jax.Array, extract: bool
     below, upto, stats = 0, 0, []
     for p, (part, plan) in enumerate(zip(groups.parts, groups.plans)):
         keys = part.keys
-        lo, hi = groups.expand(p_lo, p, 0), groups.expand(p_hi, p, 0)
+        lo, hi = groups.expand(p_lo, p), groups.expand(p_hi, p)
         lanes = [x for t in range(n_t) for x in (keys < lo[t], keys <= hi[t])]
         extras = []
         if extract:
@@ -447,11 +447,11 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
         refine = inside & extract & ready & ~complete
         narrow = (a > nb.lo) | (z < nb.hi)
         mid = nb.lo + (nb.hi - nb.lo) // 2
-        a, z = jnp.where(narrow, a, mid), jnp.where(narrow, z, mid)
+        h_lo, h_hi = jnp.where(narrow, a, mid), jnp.where(narrow, z, mid)
         return nb.replace(
             lo=jnp.where(done, a, nb.lo), hi=jnp.where(done, a, nb.hi),
             c_lo=jnp.where(done, below + c_lt, nb.c_lo), c_hi=jnp.where(done, below + c_le, nb.c_hi),
-            hint=tuple(jnp.where(refine, x, y) for x, y in zip((refine, a, z, jnp.zeros(k.shape)), nb.hint)),
+            hint=tuple(jnp.where(refine, x, y) for x, y in zip((refine, h_lo, h_hi, jnp.zeros(k.shape)), nb.hint)),
         )
 
     return lax.while_loop(lambda b: jnp.any(b.lo < b.hi), body, start)
