@@ -21,7 +21,7 @@ from .methods import Method
 from .paths import flatten
 from .plan import LeafPlan, LeafRule, Layout, format_plan, plan_tree
 from .report import LeafReport, MergeReport, leaf_report
-from .selection import Part, Threshold, rank_thresholds
+from .selection import Part, Threshold, rank_thresholds, reduce_groups
 from .steps import LeafContext, MagnitudeBand, path_hash
 from .task_vectors import difference
 
@@ -53,7 +53,9 @@ def _stack_tau(base, finetuned) -> jax.Array:
 
 
 def _finite(base, finetuned) -> jax.Array:
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in (base, *finetuned)])
+    axes = tuple(range(jnp.ndim(base)))
+    bad = reduce_groups([(~jnp.isfinite(x)).astype(jnp.int32) for x in (base, *finetuned)], ["sum"] * (1 + len(finetuned)), axes)
+    return jnp.stack(bad) == 0
 
 
 @functools.partial(jax.jit, static_argnames=("method", "out_axis", "out_dtype"))

@@ -127,8 +127,16 @@ def _block_plan(shape: Sequence[int], axes: Sequence[int], levels: int = 2) -> t
     return tuple(plan)
 
 
-_INIT = {"sum": 0, "min": KEY_MAX, "max": -1}
 _OP = {"sum": lax.add, "min": lax.min, "max": lax.max}
+
+
+def _init(kind: str, dtype) -> jax.Array:
+    if kind == "sum":
+        return jnp.zeros((), dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.asarray(jnp.inf if kind == "min" else -jnp.inf, dtype)
+    info = jnp.iinfo(dtype)
+    return jnp.asarray(info.max if kind == "min" else info.min, dtype)
 
 
 def _reduce_blocks(arrays: Sequence[jax.Array], kinds: Sequence[str], block: tuple[int, int]) -> list[jax.Array]:
@@ -142,8 +150,21 @@ def _reduce_blocks(arrays: Sequence[jax.Array], kinds: Sequence[str], block: tup
     def combine(a, b):
         return tuple(_OP[k](x, y) for k, x, y in zip(kinds, a, b))
 
-    init = tuple(jnp.int32(_INIT[k]) for k in kinds)
+    init = tuple(_init(k, x.dtype) for k, x in zip(kinds, arrays))
     return list(lax.optimization_barrier(tuple(lax.reduce(tuple(split), init, combine, (axis + 1,)))))
+
+
+def reduce_groups(arrays: Sequence[jax.Array], kinds: Sequence[str], axes: Sequence[int]) -> list[jax.Array]:
+    """Sum, min or max (`kinds`) of each array over `axes`, all in one pass over the data.
+
+    The same as jnp.sum/min/max(x, axis=axes), but in blocks of 32 along one axis first: XLA:CPU
+    compiles a reduction fused with elementwise work over a large array to a loop several times
+    slower than one pass over it. Sharded inputs reduce locally, then all-reduce."""
+    arrays = list(arrays)
+    for block in _block_plan(arrays[0].shape, axes):
+        arrays = _reduce_blocks(arrays, kinds, block)
+    fn = {"sum": jnp.sum, "min": jnp.min, "max": jnp.max}
+    return [fn[k](x, axis=tuple(axes)) for k, x in zip(kinds, arrays)]
 
 
 def _pack(lanes: Sequence[jax.Array], bits: int) -> list[jax.Array]:
@@ -298,7 +319,7 @@ def _interp_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Ar
     p_hi = jnp.where(b.hi - center <= mk, b.hi, center + mk)
     expected = jnp.minimum(r, 2 * m + 1)
     s_lo, s_hi, share = _sample_pivots(sample, b, k)
-    linear = (s_lo <= p_lo) & (p_hi <= s_hi)
+    linear = ((s_lo <= p_lo) & (p_hi <= s_hi)) | ((s_lo == b.lo) & (s_hi == b.hi))  # or the sample is no help
     has, h_lo, h_hi, h_n = b.hint
     p_lo = jnp.where(has, h_lo, jnp.where(linear, p_lo, s_lo))
     p_hi = jnp.where(has, h_hi, jnp.where(linear, p_hi, s_hi))
@@ -339,8 +360,7 @@ def _update(b: _Bracket, k, p_lo, p_hi, c_below, c_upto) -> _Bracket:
 
 def _value_pass(groups: _Groups, p_lo: jax.Array, p_hi: jax.Array, extract: bool):
     """Count the entries below each target's pivots ([key < lo'], [key <= hi']); with `extract`, also
-    the min and max key of each block among the candidates of all targets (lo' <= key <= hi'), and
-    per target the block's number of candidates."""
+    per target and block the number, min and max of the candidates (lo' <= key <= hi')."""
     n_t = p_lo.shape[0]
     below, upto, stats = 0, 0, []
     for p, (part, plan) in enumerate(zip(groups.parts, groups.plans)):
@@ -349,52 +369,54 @@ def _value_pass(groups: _Groups, p_lo: jax.Array, p_hi: jax.Array, extract: bool
         lanes = [x for t in range(n_t) for x in (keys < lo[t], keys <= hi[t])]
         extras = []
         if extract:
-            cand = functools.reduce(jnp.logical_or, [(keys >= lo[t]) & (keys <= hi[t]) for t in range(n_t)])
-            extras = [(jnp.where(cand, keys, KEY_MAX), "min"), (jnp.where(cand, keys, -1), "max")]
+            for t in range(n_t):
+                cand = (keys >= lo[t]) & (keys <= hi[t])
+                extras += [(jnp.where(cand, keys, KEY_MAX), "min"), (jnp.where(cand, keys, -1), "max")]
         lanes, (fine, extras) = _blocked(lanes, extras, plan, groups.at[p] if extract else 0)
         below = below + groups.total(jnp.stack(lanes[0::2]), p)
         upto = upto + groups.total(jnp.stack(lanes[1::2]), p)
         if extract:
-            stats.append((*extras, jnp.stack(fine[1::2]) - jnp.stack(fine[0::2])))
+            stats.append((jnp.stack(extras[0::2]), jnp.stack(extras[1::2]), jnp.stack(fine[1::2]) - jnp.stack(fine[0::2])))
     return below, upto, stats
 
 
 def _select_extracted(groups: _Groups, stats, j: jax.Array, lo: jax.Array, hi: jax.Array):
-    """From per-block (min, max) of all candidates and each target's per-block count of candidates in
-    its [lo, hi]: keys a <= b between which the target's j-th smallest candidate (0-based) lies, and
-    the candidates below and up to a. `complete` (then a == b and the counts are exact) unless some
-    block held more of the target's candidates than its min and max."""
+    """From each target's per-block number, min and max of its candidates in [lo, hi]: keys
+    a <= m <= b, the target's j-th smallest candidate (0-based) lies in [a, b] and about as often on
+    either side of m; the candidates below and up to a. `complete` (then a == b and the counts are
+    exact) unless some block held more of the target's candidates than its min and max."""
     weights, incomplete = [], 0
     for p, (mn, mx, c) in enumerate(stats):
-        lo_p, hi_p = groups.expand(lo, p), groups.expand(hi, p)
         same = mn == mx
-        w_mn = jnp.where((mn >= lo_p) & (mn <= hi_p), jnp.where(same, c, 1), 0)
-        w_mx = ((mx >= lo_p) & (mx <= hi_p) & ~same).astype(jnp.int32)
-        middle = c - w_mn - w_mx  # the target's candidates strictly between min and max, unseen
-        # the unseen counted as low as they may lie (upper bound of ranks), then as high (lower bound)
-        at = jnp.stack([jnp.maximum(mn, lo_p), jnp.minimum(mx, hi_p)])
-        weights.append((mn, mx, w_mn, w_mx, middle, at))
+        w_mn = jnp.where(same, c, jnp.minimum(c, 1))
+        w_mx = jnp.where(same, 0, jnp.minimum(c, 2) - jnp.minimum(c, 1))
+        middle = c - w_mn - w_mx  # candidates strictly between min and max, unseen
+        weights.append((mn, mx, w_mn, w_mx, middle, mn, mx))
         incomplete = incomplete + groups.total((middle > 0).astype(jnp.int32), p)
 
-    def upto(u):  # [2, targets, *groups] bounds (upper, lower) of the candidates <= u
-        total = 0
-        for p, (mn, mx, w_mn, w_mx, middle, at) in enumerate(weights):
+    def upto(u):  # [3, targets, *groups]: candidates <= u counting the unseen as low as they may
+        # lie (an upper bound), as high (a lower bound), and both (their sum, twice the midpoint)
+        up, down = 0, 0
+        for p, (mn, mx, w_mn, w_mx, middle, first, last) in enumerate(weights):
             ue = groups.expand(u, p, 2)
-            x = jnp.where(mn <= ue, w_mn, 0) + jnp.where(mx <= ue, w_mx, 0) + jnp.where(at <= ue, middle, 0)
-            total = total + groups.total(x, p, 2)
-        return total
+            seen = jnp.where(mn <= ue, w_mn, 0) + jnp.where(mx <= ue, w_mx, 0)
+            up = up + groups.total(seen + jnp.where(first <= ue, middle, 0), p, 2)
+            down = down + groups.total(seen + jnp.where(last <= ue, middle, 0), p, 2)
+        return jnp.stack([up[0], down[1], up[2] + down[2]])
+
+    target = jnp.stack([j, j, 2 * j + 1])
 
     def step(s):
         a, b, c_a, c_b = s  # c_a: candidates < a, c_b: candidates <= b
         mid = a + (b - a) // 2
         c = upto(mid)
-        ok = (c > j) | (a == b)
+        ok = (c > target) | (a == b)
         return jnp.where(ok, a, mid + 1), jnp.where(ok, mid, b), jnp.where(ok, c_a, c), jnp.where(ok & (a < b), c, c_b)
 
     total = sum(groups.total(c, p) for p, (_, _, c) in enumerate(stats))
-    start = (jnp.stack([lo, lo]), jnp.stack([hi, hi]), jnp.zeros((2, *j.shape), jnp.int32), jnp.stack([total, total]))
+    start = (jnp.stack([lo] * 3), jnp.stack([hi] * 3), jnp.zeros((3, *j.shape), jnp.int32), jnp.stack([total] * 3))
     a, _, c_a, c_b = lax.while_loop(lambda s: jnp.any(s[0] < s[1]), step, start)
-    return a[0], a[1], c_a[0], c_b[0], incomplete == 0  # the counts are exact when complete
+    return a[0], a[2], a[1], c_a[0], c_b[0], incomplete == 0  # the counts are exact when complete
 
 
 def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
@@ -433,21 +455,23 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
 
         def count_only(_):
             below, upto, _ = _value_pass(groups, p_lo, p_hi, extract=False)
-            return below, upto, (p_lo, p_lo, below, below, jnp.zeros(k.shape, bool))
+            return below, upto, (p_lo, p_lo, p_lo, below, below, jnp.zeros(k.shape, bool))
 
         def with_extraction(_):
             below, upto, stats = _value_pass(groups, p_lo, p_hi, extract=True)
             return below, upto, _select_extracted(groups, stats, k - below, p_lo, p_hi)
 
-        below, upto, (a, z, c_lt, c_le, complete) = lax.cond(extract, with_extraction, count_only, None)
+        below, upto, (a, m, z, c_lt, c_le, complete) = lax.cond(extract, with_extraction, count_only, None)
         nb = _update(b, k, p_lo, p_hi, below, upto)
         inside = ~nb.hint[0] & (nb.lo < nb.hi)
         done = inside & complete
-        # the extraction's bounds are the next pivots; halve the bracket if they would not narrow it
+        # next pivots from the extraction's bounds: [a, m] (the target lies in it or above m, about
+        # as likely); if that is the whole bracket, its midpoint
         refine = inside & extract & ready & ~complete
-        narrow = (a > nb.lo) | (z < nb.hi)
+        m = jnp.minimum(m, z)
+        whole_again = (a == nb.lo) & (m >= nb.hi)
         mid = nb.lo + (nb.hi - nb.lo) // 2
-        h_lo, h_hi = jnp.where(narrow, a, mid), jnp.where(narrow, z, mid)
+        h_lo, h_hi = jnp.where(whole_again, mid, a), jnp.where(whole_again, mid, m)
         return nb.replace(
             lo=jnp.where(done, a, nb.lo), hi=jnp.where(done, a, nb.hi),
             c_lo=jnp.where(done, below + c_lt, nb.c_lo), c_hi=jnp.where(done, below + c_le, nb.c_hi),

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from .band import Band, exact_fraction
-from .selection import Part, Threshold, below, rank_thresholds
+from .selection import Part, Threshold, below, rank_thresholds, reduce_groups
 
 Granularity = Literal["tensor", "row", "global"]
 GRANULARITIES = ("tensor", "row", "global")
@@ -61,16 +61,14 @@ def group_axes(ndim: int, granularity: str, out_axis: int | None) -> tuple[int, 
 
 
 def _mask_stats(tau: jax.Array, keep: jax.Array, low: jax.Array, high: jax.Array) -> dict:
-    axes = tuple(range(1, tau.ndim))
     mag = jnp.abs(tau)
-    cnt = lambda m: jnp.sum(m, axis=axes, dtype=jnp.int32)  # noqa: E731
-    return {
-        "kept": cnt(keep),
-        "dropped_low": cnt(low),
-        "dropped_high": cnt(high),
-        "min_kept": jnp.min(jnp.where(keep, mag, jnp.inf), axis=axes),
-        "max_kept": jnp.max(jnp.where(keep, mag, -jnp.inf), axis=axes),
-    }
+    kept, dropped_low, dropped_high, min_kept, max_kept = reduce_groups(
+        [keep.astype(jnp.int32), low.astype(jnp.int32), high.astype(jnp.int32),
+         jnp.where(keep, mag, jnp.inf), jnp.where(keep, mag, -jnp.inf)],
+        ["sum", "sum", "sum", "min", "max"], tuple(range(1, tau.ndim)),
+    )
+    return {"kept": kept, "dropped_low": dropped_low, "dropped_high": dropped_high,
+            "min_kept": min_kept, "max_kept": max_kept}
 
 
 @dataclasses.dataclass(frozen=True)

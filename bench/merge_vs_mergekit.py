@@ -1,0 +1,271 @@
+"""Breadcrumbs merge of Llama-style safetensors models: breadcrumbs-jax's CLI against mergekit.
+
+    python bench/merge_vs_mergekit.py [--sizes 100m,400m,1b] [--tasks 4] [--reps 3]
+        [--work /tmp/bcbench] [--mergekit /work/venvs/mergekit/bin/mergekit-yaml] [--keep]
+
+For each size and T it makes a base and T fine-tunings (bench/llama_models.py, bf16), then runs,
+each in a fresh process and interleaved --reps times (median reported):
+  io        read every tensor of the T + 1 inputs and write a bf16 output of the same tensors,
+            through breadcrumbs_jax.io (the floor: no compute)
+  ours      `breadcrumbs-jax merge ours.yaml OUT`, with the time spent reading inputs and writing
+            the output measured inside the process (the rest is compute, compile included)
+  mergekit  `mergekit-yaml mergekit.yaml OUT` (if installed: it is a comparison, never a
+            dependency), the same merge: merge_method breadcrumbs, per-model density, gamma
+            (its fraction of largest entries dropped), weight; computed in float32, written bf16
+and prints wall time and peak RSS (os.wait4 of the child), ratios to mergekit and to `io`, the
+read/compute/write split, and how the two outputs differ: the largest difference, and whether
+every differing entry is explained by ties at a band edge (same magnitude as the k-th entry; the
+order of equal magnitudes is ours by flat index, mergekit's by torch.sort). Outputs are deleted
+unless --keep; the models stay under --work for the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+import llama_models  # noqa: E402
+
+DENSITY, GAMMA_TOP = 0.1, 0.01
+
+
+def weights(tasks: int) -> list[float]:
+    return [round(1.0 - 0.15 * t, 2) for t in range(tasks)]
+
+
+def write_configs(work: Path, base: Path, fts: list[Path]) -> tuple[Path, Path]:
+    ws = weights(len(fts))
+    ours = {
+        "base_model": str(base),
+        "models": [{"path": str(f), "weight": w} for f, w in zip(fts, ws)],
+        "method": "breadcrumbs",
+        "params": {"alpha": 1.0, "density": DENSITY, "gamma_top": GAMMA_TOP, "granularity": "tensor"},
+        "dtype": "bfloat16",
+        "output": {"format": "safetensors"},
+    }
+    mk = {
+        "merge_method": "breadcrumbs",
+        "base_model": str(base),
+        "models": [{"model": str(f), "parameters": {"density": DENSITY, "gamma": GAMMA_TOP, "weight": w}}
+                   for f, w in zip(fts, ws)],
+        "parameters": {"normalize": False, "lambda": 1.0},
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+    import yaml
+
+    p_ours, p_mk = work / "ours.yaml", work / "mergekit.yaml"
+    p_ours.write_text(yaml.safe_dump(ours, sort_keys=False))
+    p_mk.write_text(yaml.safe_dump(mk, sort_keys=False))
+    return p_ours, p_mk
+
+
+def run(cmd: list[str], env=None) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS GiB, stderr tail) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+    return wall, usage.ru_maxrss / 2**20, err[-2000:]
+
+
+# ---------------------------------------------------------------- child processes
+
+
+def child_ours(config: str, out: str, times: str) -> None:
+    """The CLI merge, with the time inside SafetensorsSource.read / SafetensorsSink.write counted."""
+    from breadcrumbs_jax import cli
+    from breadcrumbs_jax.io import safetensors as st
+
+    spent = {"read": 0.0, "write": 0.0}
+
+    def timed(fn, key):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[key] += time.perf_counter() - t
+
+        return wrapper
+
+    st.SafetensorsSource.read = timed(st.SafetensorsSource.read, "read")
+    st.SafetensorsSink.write = timed(st.SafetensorsSink.write, "write")
+    start = time.perf_counter()
+    code = cli.main(["merge", config, out, "--overwrite", "--no-progress"])
+    spent["total"] = time.perf_counter() - start
+    Path(times).write_text(json.dumps(spent))
+    sys.exit(code)
+
+
+def child_io(base: str, models: list[str], out: str, times: str) -> None:
+    """Read every leaf of base and models, write the base's leaves as bf16: the I/O floor."""
+    import ml_dtypes
+
+    from breadcrumbs_jax.io import open_sink, open_source, staged_output
+    from breadcrumbs_jax.io.base import LeafInfo
+
+    spent = {"read": 0.0, "write": 0.0}
+    start = time.perf_counter()
+    srcs = [open_source(p) for p in [base, *models]]
+    leaves = srcs[0].leaves()
+    outs = [LeafInfo(p, i.shape, "bfloat16") for p, i in leaves.items()]
+    target = Path(out)
+    if target.exists():
+        shutil.rmtree(target)
+    with staged_output(target, overwrite=True) as staging:
+        sink = open_sink("safetensors", staging, outs, like=srcs[0])
+        for path in sink.order:
+            t = time.perf_counter()
+            arrays = [s.read(path) for s in srcs]
+            spent["read"] += time.perf_counter() - t
+            t = time.perf_counter()
+            sink.write(path, arrays[0].astype(ml_dtypes.bfloat16))
+            spent["write"] += time.perf_counter() - t
+            del arrays
+        t = time.perf_counter()
+        sink.commit()
+        spent["write"] += time.perf_counter() - t
+    spent["total"] = time.perf_counter() - start
+    Path(times).write_text(json.dumps(spent))
+
+
+# ---------------------------------------------------------------- comparing outputs
+
+
+def compare(ours: Path, theirs: Path, base: Path, fts: list[Path]) -> dict:
+    """Largest |ours - theirs| over all tensors; entries that differ, and how many of them are not
+    at a band edge tie of any task (|tau_t| equal to the k-th magnitude of its band edge)."""
+    from breadcrumbs_jax.io import open_source
+
+    a, b = open_source(ours), open_source(theirs)
+    src_base, src_fts = open_source(base), [open_source(f) for f in fts]
+    worst, differ, unexplained, entries = 0.0, 0, 0, 0
+    for path, info in a.leaves().items():
+        x = a.read(path).astype(np.float32)
+        y = b.read(path).astype(np.float32)
+        entries += x.size
+        d = np.abs(x - y)
+        worst = max(worst, float(d.max()))
+        bad = np.flatnonzero(d.ravel() > 0)
+        differ += bad.size
+        if not bad.size:
+            continue
+        p = src_base.read(path).astype(np.float32).ravel()
+        tied = np.zeros(bad.size, bool)
+        n = p.size
+        n_top, n_keep = int(np.floor(n * GAMMA_TOP)), int(np.floor(n * DENSITY))
+        n_bot = n - n_keep - n_top
+        for f in src_fts:
+            mag = np.abs(f.read(path).astype(np.float32).ravel() - p)
+            edges = [r for r in (n_bot - 1, n_bot, n_bot + n_keep - 1, n_bot + n_keep) if 0 <= r < n]
+            vals = np.partition(mag, edges)[edges]
+            tied |= np.isin(mag[bad], vals)
+        unexplained += int((~tied).sum())
+    return {"max_abs_diff": worst, "differ": differ, "not_at_ties": unexplained, "entries": entries}
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="100m,400m,1b")
+    ap.add_argument("--tasks", default="4", help="comma-separated values of T")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bcbench"))
+    ap.add_argument("--mergekit", default="/work/venvs/mergekit/bin/mergekit-yaml")
+    ap.add_argument("--no-mergekit", action="store_true", help="skip mergekit")
+    ap.add_argument("--keep", action="store_true", help="keep the merged outputs")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        if kind == "ours":
+            child_ours(*rest)
+        else:
+            child_io(rest[0], rest[1:-2], rest[-2], rest[-1])
+        return
+
+    have_mk = not args.no_mergekit and Path(args.mergekit).exists()
+    repo = HERE.parent
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    print(f"{os.cpu_count()} CPUs; models bf16, merge computed in float32, output bf16; density {DENSITY}, "
+          f"gamma_top {GAMMA_TOP}; median of {args.reps} runs; mergekit: {args.mergekit if have_mk else 'not run'}")
+    for size in args.sizes.split(","):
+        for tasks in (int(t) for t in args.tasks.split(",")):
+            t0 = time.perf_counter()
+            base, fts = llama_models.make_models(args.work, size, tasks)
+            work = args.work / f"{size}-T{tasks}"
+            work.mkdir(parents=True, exist_ok=True)
+            cfg_ours, cfg_mk = write_configs(work, base, fts)
+            out_ours, out_mk, out_io = work / "out_ours", work / "out_mergekit", work / "out_io"
+            times_ours, times_io = work / "times_ours.json", work / "times_io.json"
+            me = [sys.executable, str(Path(__file__).resolve()), "--child"]
+            runs = {
+                "io": me + ["io", str(base), *map(str, fts), str(out_io), str(times_io)],
+                "ours": me + ["ours", str(cfg_ours), str(out_ours), str(times_ours)],
+            }
+            if have_mk:
+                runs["mergekit"] = [args.mergekit, str(cfg_mk), str(out_mk), "--no-copy-tokenizer",
+                                    "--no-write-model-card", "--quiet"]
+            res = {k: [] for k in runs}
+            split = {"io": [], "ours": []}
+            for _ in range(args.reps):
+                for name, cmd in runs.items():
+                    for o in (out_ours, out_mk, out_io):  # every run writes a new output
+                        shutil.rmtree(o, ignore_errors=True)
+                    wall, rss, _ = run(cmd, env)
+                    res[name].append((wall, rss))
+                    if name in split:
+                        split[name].append(json.loads((times_ours if name == "ours" else times_io).read_text()))
+            # one more pair of runs to leave both outputs for the comparison
+            run(runs["ours"], env)
+            if have_mk:
+                shutil.rmtree(out_mk, ignore_errors=True)
+                run(runs["mergekit"], env)
+            med = {k: (float(np.median([w for w, _ in v])), float(np.median([r for _, r in v]))) for k, v in res.items()}
+            sp = {k: {f: float(np.median([s[f] for s in v])) for f in ("read", "write", "total")} for k, v in split.items()}
+            n = llama_models.n_params(size)
+            gb_in = n * 2 * (tasks + 1) / 1e9
+            print(f"\n{size} ({n / 1e6:.0f}M params), T={tasks}: reads {gb_in:.1f} GB, writes {n * 2 / 1e9:.1f} GB")
+            for name, (wall, rss) in med.items():
+                row = f"  {name:9s} wall {wall:7.1f} s  peak RSS {rss:5.2f} GiB"
+                if have_mk and name != "mergekit":
+                    row += f"  | vs mergekit: {med['mergekit'][0] / wall:5.1f}x faster, RSS {rss / med['mergekit'][1]:4.2f}x"
+                if name != "io":
+                    row += f"  | {wall / med['io'][0]:4.2f}x the I/O floor"
+                print(row)
+            o = sp["ours"]
+            print(f"  ours split: read {o['read']:.1f} s, compute {o['total'] - o['read'] - o['write']:.1f} s "
+                  f"(compile included), write {o['write']:.1f} s; process start-up and imports "
+                  f"{med['ours'][0] - o['total']:.1f} s")
+            i = sp["io"]
+            print(f"  io floor split: read {i['read']:.1f} s, write {i['write']:.1f} s")
+            if have_mk:
+                c = compare(out_ours, out_mk, base, fts)
+                print(f"  outputs: max |ours - mergekit| = {c['max_abs_diff']:.3g}; {c['differ']} of {c['entries']} "
+                      f"entries differ ({c['differ'] / c['entries']:.2e}), {c['not_at_ties']} of them not at a band-edge tie")
+            if not args.keep:
+                for o_ in (out_ours, out_mk, out_io):
+                    shutil.rmtree(o_, ignore_errors=True)
+            print(f"  ({time.perf_counter() - t0:.0f} s for this size)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
