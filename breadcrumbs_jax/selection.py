@@ -37,7 +37,7 @@ from jax import lax
 KEY_MAX = 0x7FFFFFFF  # the largest key (a NaN with every bit set); +inf is 0x7F800000
 _BLOCK = 32  # entries per block and level of the blocked reductions
 _SAMPLE_BUDGET = 1 << 18  # sampled keys per call (all groups together) ...
-_SAMPLE_SHARE = 512  # ... and at most one in this many entries
+_SAMPLE_SHARE = 128  # ... and at most one in this many entries
 _SAMPLE_MAX = 1 << 16  # ... and per group
 _MARGIN = 1.25  # half-width of an interpolated bracket, in sqrt(entries in the bracket)
 _MIN_BLOCKS = 64  # extraction blocks per group at least (finer blocks for smaller groups)
@@ -297,11 +297,17 @@ def _sample_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Ar
     m = jnp.sum(sample <= b.hi[..., None], axis=-1, dtype=jnp.int32) - first
     f = ((k - b.c_lo).astype(jnp.float32) + 0.5) / jnp.maximum(b.c_hi - b.c_lo, 1).astype(jnp.float32)
     pos = first + f * m - 0.5
-    sd = _SPREAD * jnp.sqrt(m * f * (1 - f)) + 1.0
-    i_lo, i_hi = jnp.floor(pos - sd).astype(jnp.int32), jnp.ceil(pos + sd).astype(jnp.int32)
+    sd = jnp.sqrt(m * f * (1 - f))
     pick = lambda i: jnp.take_along_axis(sample, jnp.clip(i, 0, s - 1)[..., None], axis=-1)[..., 0]  # noqa: E731
+    i_lo, i_hi = jnp.floor(pos - _SPREAD * sd - 1).astype(jnp.int32), jnp.ceil(pos + _SPREAD * sd + 1).astype(jnp.int32)
     share = (jnp.minimum(i_hi, first + m) - jnp.maximum(i_lo, first) + 1) / jnp.maximum(m, 1)
-    return jnp.where(i_lo < first, b.lo, pick(i_lo)), jnp.where(i_hi >= first + m, b.hi, pick(i_hi)), share
+    s_lo = jnp.where(i_lo < first, b.lo, pick(i_lo))
+    s_hi = jnp.where(i_hi >= first + m, b.hi, pick(i_hi))
+    # a run of equal keys as wide as one standard deviation either side: it likely holds the target
+    j_lo, j_hi = jnp.floor(pos - sd).astype(jnp.int32), jnp.ceil(pos + sd).astype(jnp.int32)
+    run = (j_lo >= first) & (j_hi < first + m) & (m >= 8) & (pick(j_lo) == pick(j_hi))
+    share = jnp.where(run, (j_hi - j_lo + 1) / jnp.maximum(m, 1), share)
+    return jnp.where(run, pick(j_lo), s_lo), jnp.where(run, pick(j_lo), s_hi), share
 
 
 def _interp_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ...]:
@@ -319,7 +325,11 @@ def _interp_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Ar
     p_hi = jnp.where(b.hi - center <= mk, b.hi, center + mk)
     expected = jnp.minimum(r, 2 * m + 1)
     s_lo, s_hi, share = _sample_pivots(sample, b, k)
-    linear = ((s_lo <= p_lo) & (p_hi <= s_hi)) | ((s_lo == b.lo) & (s_hi == b.hi))  # or the sample is no help
+    inside = lambda lo, hi: jnp.sum((sample >= lo[..., None]) & (sample <= hi[..., None]), axis=-1)  # noqa: E731
+    m_s = inside(b.lo, b.hi).astype(jnp.float32)
+    seen, due = inside(p_lo, p_hi).astype(jnp.float32), m_s * expected / r
+    agree = (s_lo <= p_lo) & (p_hi <= s_hi) & ((due < 8) | (seen * 4 > due)) & (s_lo < s_hi)
+    linear = agree | ((s_lo == b.lo) & (s_hi == b.hi))  # or the sample is no help
     has, h_lo, h_hi, h_n = b.hint
     p_lo = jnp.where(has, h_lo, jnp.where(linear, p_lo, s_lo))
     p_hi = jnp.where(has, h_hi, jnp.where(linear, p_hi, s_hi))

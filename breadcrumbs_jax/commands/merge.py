@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,8 +30,22 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def compilation_cache() -> None:
+    """Keep the compiled merge kernels (one per leaf shape, dtype and method, a second or two of
+    compiling each) across runs, in JAX's persistent cache: $BREADCRUMBS_JAX_CACHE, else
+    ~/.cache/breadcrumbs_jax; 'off' disables it. A cache the user configured for JAX is kept."""
+    import jax
+
+    where = os.environ.get("BREADCRUMBS_JAX_CACHE", str(Path.home() / ".cache" / "breadcrumbs_jax"))
+    if where == "off" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    compilation_cache()
     kw = dict(
         rules=cfg.leaf_rules(), layout=cfg.layout, names=[m.name or m.path for m in cfg.models],
         vocab=cfg.vocab, include=cfg.include,
