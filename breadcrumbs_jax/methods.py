@@ -64,7 +64,7 @@ class Method:
         return dataclasses.replace(self, steps=tuple(s for s in self.steps if not isinstance(s, Scale)))
 
     def describe(self) -> str:
-        return f"{self.name}({', '.join(_describe(s) for s in self.steps)})"
+        return f"{self.name}({','.join(_describe(s) for s in self.steps)})"
 
 
 def _describe(step: Step) -> str:
@@ -72,7 +72,7 @@ def _describe(step: Step) -> str:
         b = step.band
         return f"band[{float(b.beta):g},{float(b.gamma):g}]/{step.granularity}"
     if isinstance(step, RandomDrop):
-        return f"drop p={step.p:g} seed={step.seed}"
+        return f"drop(p={step.p:g},seed={step.seed})"
     if isinstance(step, Weight):
         return "weight(" + ",".join(f"{w:g}" for w in step.weights) + ")"
     if isinstance(step, Scale):

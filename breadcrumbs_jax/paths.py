@@ -18,7 +18,12 @@ def key_name(key: Any) -> str:
 
 
 def path_str(keypath: tuple) -> str:
-    """`('params', 'Dense_0', 'kernel')`-style key path -> ``params/Dense_0/kernel``."""
+    """`('params', 'Dense_0', 'kernel')`-style key path -> ``params/Dense_0/kernel``.
+
+    A final ``.value`` attribute (how Flax nnx Variables flatten) is dropped, so an nnx State
+    and its `nnx.to_pure_dict` have the same paths."""
+    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and keypath[-1].name == "value":
+        keypath = keypath[:-1]
     return SEP.join(key_name(k) for k in keypath)
 
 

@@ -91,20 +91,23 @@ class MagnitudeBand:
         lo, hi = rank_thresholds(parts, [n_bot, n_bot + n_keep])
         return lo, hi
 
-    def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
-        tau = state.tau
+    def mask(self, tau: jax.Array, ctx: LeafContext = LeafContext()) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(keep, dropped_low, dropped_high) boolean masks of a [T, ...] task-vector stack."""
         part = Part(magnitude_keys(tau), group_axes(tau.ndim, self.granularity, ctx.out_axis))
         if self.granularity == "global":
             if ctx.thresholds is None:
                 raise ValueError("global granularity needs thresholds computed over all leaves")
-            (lo, hi), p = ctx.thresholds, 0
+            lo, hi = ctx.thresholds
         else:
-            (lo, hi), p = self.thresholds([part], part.size), 0
-        low = below(part, lo, p)
-        not_high = below(part, hi, p)
-        keep = not_high & ~low
-        stats = _mask_stats(tau, keep, low, ~not_high)
-        return state.replace(tau=jnp.where(keep, tau, 0.0), stats={**state.stats, **stats})
+            lo, hi = self.thresholds([part], part.size)
+        low = below(part, lo)
+        not_high = below(part, hi)
+        return not_high & ~low, low, ~not_high
+
+    def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
+        keep, low, high = self.mask(state.tau, ctx)
+        stats = _mask_stats(state.tau, keep, low, high)
+        return state.replace(tau=jnp.where(keep, state.tau, 0.0), stats={**state.stats, **stats})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,189 @@
+"""Every merge method against the plain-numpy reference of SPEC.md, on mixed trees."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import breadcrumbs_jax as bj
+from tests import reference as ref
+from tests import trees
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*keep no entries")
+
+T = 3
+WEIGHTS = (1.0, 0.5, 2.0)
+
+
+@pytest.fixture(scope="module")
+def models():
+    pre = trees.pretrained(0)
+    fts = [trees.finetuned(pre, 10 + t) for t in range(T)]
+    return pre, fts
+
+
+def is_float(x):
+    return np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16
+
+
+def close(got, want, dtype):
+    """Merged leaf equals the float32 reference cast to the leaf dtype (one ulp of slack for FMA)."""
+    got = np.asarray(got)
+    assert got.dtype == dtype
+    want_cast = want.astype(dtype).astype(np.float32)
+    tol = np.abs(want_cast) * (2.0 ** -7 if dtype in (ml_dtypes.bfloat16, np.float16) else 2e-6) + 1e-6
+    np.testing.assert_array_less(np.abs(got.astype(np.float32) - want_cast), tol + 1e-12)
+
+
+def run(models, method, expected_leaf):
+    pre, fts = models
+    result = bj.merge(trees.as_jax(pre), [trees.as_jax(f) for f in fts], method)
+    got = dict(trees.leaves(result.params))
+    for path, p in trees.leaves(pre):
+        f = [dict(trees.leaves(ft))[path] for ft in fts]
+        if not is_float(p):
+            np.testing.assert_array_equal(np.asarray(got[path]), p)
+            assert np.asarray(got[path]).dtype == p.dtype
+            continue
+        close(got[path], expected_leaf(path, p, f), p.dtype)
+    return result
+
+
+def out_axis(p):
+    return p.ndim - 1 if p.ndim >= 2 else None
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_breadcrumbs(models, granularity):
+    beta, gamma, alpha = 0.6, 0.95, 0.7
+
+    def want(path, p, fts):
+        masks = [ref.band_mask(ref.tau(p, f), beta, gamma, granularity, out_axis(p)) for f in fts]
+        return ref.masked_sum(p, fts, masks, alpha, WEIGHTS)
+
+    result = run(models, bj.breadcrumbs(alpha, beta=beta, gamma=gamma, granularity=granularity, weights=WEIGHTS), want)
+    lr = next(r for r in result.report.leaves if r.path == "dense/kernel")
+    if granularity == "tensor":
+        assert lr.kept == (ref.counts(91, beta, gamma)[1],) * T
+
+
+def test_breadcrumbs_global(models):
+    pre, fts = models
+    beta, gamma, alpha = 0.5, 0.9, 0.4
+    float_paths = [p for p, x in trees.leaves(pre) if is_float(x)]
+    masks = {}
+    for t, f in enumerate(fts):
+        fl = dict(trees.leaves(f))
+        taus = [ref.tau(dict(trees.leaves(pre))[p], fl[p]) for p in float_paths]
+        for p, m in zip(float_paths, ref.global_masks(taus, beta, gamma)):
+            masks.setdefault(p, []).append(m)
+
+    def want(path, p, f):
+        return ref.masked_sum(p, f, masks[path], alpha, (1.0,) * T)
+
+    result = run(models, bj.breadcrumbs(alpha, beta=beta, gamma=gamma, granularity="global"), want)
+    n = sum(int(np.prod(np.shape(dict(trees.leaves(pre))[p]))) for p in float_paths)
+    kept = np.sum([lr.kept for lr in result.report.leaves if lr.kept], axis=0)
+    assert tuple(kept) == (ref.counts(n, beta, gamma)[1],) * T
+
+
+def test_task_arithmetic(models):
+    def want(path, p, f):
+        return ref.masked_sum(p, f, [np.ones(p.shape, bool)] * T, 0.3, WEIGHTS)
+
+    run(models, bj.task_arithmetic(0.3, weights=WEIGHTS), want)
+
+
+def test_linear_soup(models):
+    run(models, bj.linear(weights=WEIGHTS), lambda path, p, f: ref.linear(p, f, WEIGHTS))
+
+
+def test_linear_soup_is_average_of_models():
+    pre = {"w": np.zeros((4, 4), np.float32)}
+    fts = [{"w": np.full((4, 4), v, np.float32)} for v in (1.0, 2.0, 6.0)]
+    out = bj.merge(pre, fts, bj.linear()).params["w"]
+    np.testing.assert_allclose(np.asarray(out), 3.0)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_ties(models, granularity):
+    density, alpha = 0.3, 0.9
+
+    def want(path, p, fts):
+        masks = [ref.band_mask(ref.tau(p, f), 1 - density, 1.0, granularity, out_axis(p)) for f in fts]
+        return ref.ties_combine(p, fts, masks, alpha, WEIGHTS)
+
+    run(models, bj.ties(alpha, density=density, granularity=granularity, weights=WEIGHTS), want)
+
+
+def test_breadcrumbs_ties(models):
+    density, gamma_top, alpha = 0.25, 0.05, 1.0
+    beta, gamma = 1 - gamma_top - density, 1 - gamma_top
+
+    def want(path, p, fts):
+        masks = [ref.band_mask(ref.tau(p, f), round(beta, 10), gamma, "tensor") for f in fts]
+        return ref.ties_combine(p, fts, masks, alpha, WEIGHTS)
+
+    run(models, bj.breadcrumbs_ties(alpha, density=density, gamma_top=gamma_top, weights=WEIGHTS), want)
+
+
+def test_ties_hand_computed():
+    # two tasks, top-100% kept: entry 0 signs agree (+), entry 1 disagree -> elected by the sum.
+    pre = {"w": np.zeros(3, np.float32)}
+    fts = [{"w": np.array([1.0, 3.0, -1.0], np.float32)}, {"w": np.array([3.0, -1.0, 0.0], np.float32)}]
+    out = np.asarray(bj.merge(pre, fts, bj.ties(1.0, density=1.0)).params["w"])
+    # entry 0: mean(1, 3) = 2; entry 1: elected +, only 3 agrees -> 3; entry 2: -1 alone -> -1
+    np.testing.assert_array_equal(out, [2.0, 3.0, -1.0])
+
+
+def test_breadcrumbs_hand_computed():
+    # |tau| = 0..9 at positions, beta=0.2, gamma=0.9: n_top=1, n_keep=7, n_bot=2 -> keep ranks 2..8.
+    tau = np.array([5, -1, 9, 0, 2, -7, 3, 8, -4, 6], np.float32)
+    pre = {"w": np.zeros(10, np.float32)}
+    out = np.asarray(bj.merge(pre, [{"w": tau}], bj.breadcrumbs(1.0, beta=0.2, gamma=0.9)).params["w"])
+    np.testing.assert_array_equal(out, np.where(np.isin(np.abs(tau), [0, 1, 9]), 0, tau))
+
+
+def test_dare_properties():
+    rng = np.random.default_rng(0)
+    pre = {"a": rng.normal(size=(64, 32)).astype(np.float32), "b": rng.normal(size=(500,)).astype(np.float32)}
+    ft = {k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in pre.items()}
+    p = 0.75
+    out = bj.merge(pre, [ft], bj.dare(1.0, p=p, seed=3))
+    again = bj.merge(pre, [ft], bj.dare(1.0, p=p, seed=3))
+    other = bj.merge(pre, [ft], bj.dare(1.0, p=p, seed=4))
+    for k in pre:
+        d = np.asarray(out.params[k]) - pre[k]
+        t = ft[k] - pre[k]
+        kept = d != 0
+        # survivors are rescaled by 1/(1-p), the rest dropped
+        np.testing.assert_allclose(d[kept], t[kept] / (1 - p), rtol=1e-5)
+        frac = kept.mean()
+        assert abs(frac - (1 - p)) < 4 * np.sqrt(p * (1 - p) / kept.size)
+        np.testing.assert_array_equal(np.asarray(again.params[k]), np.asarray(out.params[k]))
+        assert not np.array_equal(np.asarray(other.params[k]), np.asarray(out.params[k]))
+    # different leaves and tasks get different masks
+    lr = {r.path: r for r in out.report.leaves}
+    assert lr["a"].kept[0] + lr["a"].dropped_low[0] == 64 * 32
+
+
+def test_dare_p0_is_task_arithmetic(models):
+    pre, fts = models
+    a = bj.merge(pre, fts, bj.dare(0.5, p=0.0))
+    b = bj.merge(pre, fts, bj.task_arithmetic(0.5))
+    for (_, x), (_, y) in zip(trees.leaves(a.params), trees.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_custom_chain_is_a_few_lines(models):
+    pre, fts = models
+    method = bj.chain("trimmed_mean", bj.MagnitudeBand(bj.Band.top_k(0.5)), bj.Combine("disjoint_mean"))
+
+    def want(path, p, f):
+        masks = [ref.band_mask(ref.tau(p, x), 0.5, 1.0) for x in f]
+        ts = [ref.tau(p, x) * m for x, m in zip(f, masks)]
+        num, den = ref.tsum(ts), ref.tsum([(t != 0).astype(np.float32) for t in ts])
+        return p.astype(np.float32) + np.where(den != 0, num / np.where(den != 0, den, 1), 0)
+
+    run(models, method, want)
