@@ -5,7 +5,7 @@
 PROG=${0##*/}
 VENV=breadcrumbs-venv   # on the workers, in the home folder (remote commands start there)
 JAX_VERSION=0.10.2
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPO=$(cd "$SCRIPT_DIR/.." && pwd)   # SCRIPT_DIR: this folder, set by the calling script
 
 die() { echo "$PROG: error: $*" >&2; exit 2; }
 note() { echo "# $*"; }
@@ -41,7 +41,7 @@ Commands:
   create    --accelerator-type TYPE [--version RUNTIME] [--spot]
             create the TPU (TYPE: $( [[ $MODE == vm ]] && echo 'one host, e.g. v5litepod-8, v4-8, v6e-8' || echo 'several hosts, e.g. v4-32, v5litepod-16, v6e-32'))
   install   build this checkout's wheel, copy it to the workers, install it with jax[tpu]==$JAX_VERSION
-            into ~/$VENV on each worker (and python3.11 if missing)
+            and gcsfs (gs:// output) into ~/$VENV on each worker (and python3.11 if missing)
   stage     --from gs://BUCKET/PREFIX --to DIR
             copy the input checkpoints onto each worker's disk (every process reads its own shards
             from its local copy; DIR must be the paths the merge config names)
@@ -70,7 +70,7 @@ parse() {
   while [[ $# -gt 0 ]]; do
     case $1 in
       --name|--zone|--project|--accelerator-type|--version|--from|--to|--config|--out|--mesh|--mesh-axes|--shard)
-        [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"
+        [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value"
         case $1 in
           --name) NAME=$2 ;; --zone) ZONE=$2 ;; --project) PROJECT=$2 ;;
           --accelerator-type) ACCELERATOR=$2 ;; --version) RUNTIME=$2 ;;
@@ -109,12 +109,12 @@ copy_to_workers() {  # copy a local file to DEST (relative to the home folder) o
   run gcloud compute tpus tpu-vm scp "$1" "$NAME:$2" "${WHERE[@]}" --worker="$(workers)"
 }
 
-default_runtime() {  # the TPU software version for an accelerator type
+default_runtime() {  # the TPU software version for an accelerator type, into RUNTIME
   case $1 in
-    v2-*|v3-*|v4-*) echo tpu-ubuntu2204-base ;;
-    v5litepod-*) echo v2-alpha-tpuv5-lite ;;
-    v5p-*) echo v2-alpha-tpuv5 ;;
-    v6e-*) echo v2-alpha-tpuv6e ;;
+    v2-*|v3-*|v4-*) RUNTIME=tpu-ubuntu2204-base ;;
+    v5litepod-*) RUNTIME=v2-alpha-tpuv5-lite ;;
+    v5p-*) RUNTIME=v2-alpha-tpuv5 ;;
+    v6e-*) RUNTIME=v2-alpha-tpuv6e ;;
     *) die "no default --version for accelerator type '$1'; give --version" ;;
   esac
 }
@@ -130,12 +130,12 @@ cmd_create() {
   elif [[ $MODE == pod && $size -le 8 ]]; then
     die "$ACCELERATOR is a single host: use tpu_vm.sh"
   fi
-  local runtime=${RUNTIME:-$(default_runtime "$ACCELERATOR")}
+  [[ -n $RUNTIME ]] || default_runtime "$ACCELERATOR"
   local extra=()
   [[ $SPOT -eq 1 ]] && extra+=(--spot)
-  note "create TPU $NAME ($ACCELERATOR, runtime $runtime) in $ZONE"
+  note "create TPU $NAME ($ACCELERATOR, runtime $RUNTIME) in $ZONE"
   run gcloud compute tpus tpu-vm create "$NAME" "${WHERE[@]}" --accelerator-type="$ACCELERATOR" \
-    --version="$runtime" "${extra[@]}"
+    --version="$RUNTIME" "${extra[@]}"
 }
 
 cmd_install() {
@@ -149,7 +149,7 @@ cmd_install() {
   copy_to_workers "$wheel" "${wheel##*/}"
   on_workers "set -e; cd; command -v python3.11 >/dev/null || { sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv; }; \
 python3.11 -m venv $VENV; $VENV/bin/pip install -q -U pip; \
-$VENV/bin/pip install -q 'jax[tpu]==$JAX_VERSION' ./${wheel##*/}; \
+$VENV/bin/pip install -q 'jax[tpu]==$JAX_VERSION' gcsfs ./${wheel##*/}; \
 $VENV/bin/python -c 'import breadcrumbs_jax, jax; print(jax.devices())'"
 }
 

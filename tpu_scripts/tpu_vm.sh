@@ -3,6 +3,8 @@
 # Run `tpu_vm.sh --help`; every command takes --dry-run to print what it would run.
 set -euo pipefail
 MODE=vm
+SCRIPT_DIR=${BASH_SOURCE[0]%/*}
+[[ $SCRIPT_DIR == "${BASH_SOURCE[0]}" ]] && SCRIPT_DIR=.
 # shellcheck source=tpu_scripts/lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+source "$SCRIPT_DIR/lib.sh"
 main "$@"
