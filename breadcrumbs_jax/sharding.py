@@ -9,8 +9,9 @@ has a fixed order and DARE's random bits are partitionable (threefry), so 1 devi
 mesh give identical bits.
 
 Meshes use `AxisType.Auto` (jax 0.10.2's `jax.make_mesh` defaults to Explicit): with Auto
-axes the partitioner places the counts itself and no step is rejected by sharding-in-types
-(Explicit axes also compile to the same all-reduces for the current steps).
+axes the partitioner places the counts itself, while Explicit axes (sharding in types) reject
+steps that mix differently sharded operands, e.g. the `row` mask's `where`. A mesh given with
+Explicit axes is used with its axes made Auto (`auto_mesh`).
 
 Sharding rule: a `ShardRule` (glob or ``re:`` pattern, as `LeafRule`) fixes a leaf's
 PartitionSpec; otherwise `default_spec` gives each mesh axis (largest first) to the leaf
@@ -58,6 +59,13 @@ def make_mesh(
     if math.prod(shape) != len(devices):
         raise MergeError(f"mesh shape {shape} needs {math.prod(shape)} devices, {len(devices)} available")
     return jax.make_mesh(shape, axis_names, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with every axis of type Auto."""
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 def _entries(spec: PartitionSpec | Sequence[SpecEntry], ndim: int) -> list[tuple[str, ...]]:
@@ -174,7 +182,7 @@ def merge_sharded(
     Inputs may be host arrays or jax.Arrays of any sharding; each leaf is placed with its
     `plan_sharding` and the merged leaf comes back with the same sharding. The result is
     bit-identical to the single-device `merge`."""
-    mesh = make_mesh() if mesh is None else mesh
+    mesh = make_mesh() if mesh is None else auto_mesh(mesh)
     plans = plan_for(pretrained, method, rules, layout)
     shardings = [plan_sharding(p, mesh, shard_rules) for p in plans]
     treedef = flatten(pretrained)[2]
