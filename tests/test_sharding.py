@@ -81,7 +81,7 @@ DEFAULT = {
     "8": ["linear", "task_arithmetic", "dare", "breadcrumbs/row", "ties/tensor", "breadcrumbs_ties/global"],
     "2x4": ["linear", "task_arithmetic", "dare", "breadcrumbs/tensor", "ties/row", "breadcrumbs_ties/global"],
 }
-AWKWARD_DEFAULT = ["ties/row", "breadcrumbs_ties/global"]
+AWKWARD_DEFAULT = ["breadcrumbs_ties/global"]
 CASES = [
     pytest.param(m, k, marks=() if name in DEFAULT[k] else pytest.mark.slow, id=f"{k}-{name}")
     for k in MESHES
