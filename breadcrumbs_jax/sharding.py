@@ -16,8 +16,9 @@ Explicit axes is used with its axes made Auto (`auto_mesh`).
 Sharding rule: a `ShardRule` (glob or ``re:`` pattern, as `LeafRule`) fixes a leaf's
 PartitionSpec; otherwise `default_spec` gives each mesh axis (largest first) to the leaf
 dimension that it divides evenly and that is then largest per device (for `row` granularity
-the output axis first, so that rows stay whole on one device). `jax.Array` shards must be even, so a dimension no mesh axis divides is
-not split: a leaf no axis divides (13 x 7 on 8 devices, scalars) is replicated.
+the output axis first, so that rows stay whole on one device). `jax.Array` shards must be
+even, so a dimension no mesh axis divides is not split: a leaf no axis divides (13 x 7 on 8
+devices, scalars) is replicated.
 """
 
 from __future__ import annotations
@@ -177,10 +178,11 @@ def merge_sharded(
     out_dtype=None,
     progress: bool = False,
 ) -> MergeResult:
-    """`merge.merge` with every leaf sharded over `mesh` (default: all devices on one axis).
+    """`merge.merge` with every merged leaf sharded over `mesh` (default: all devices on one axis).
 
-    Inputs may be host arrays or jax.Arrays of any sharding; each leaf is placed with its
-    `plan_sharding` and the merged leaf comes back with the same sharding. The result is
+    Inputs may be host arrays or jax.Arrays of any sharding; each leaf to merge is placed with
+    its `plan_sharding` and comes back merged with the same sharding (leaves kept or copied
+    from the pre-trained model are returned as `merge` returns them). The result is
     bit-identical to the single-device `merge`."""
     mesh = make_mesh() if mesh is None else auto_mesh(mesh)
     plans = plan_for(pretrained, method, rules, layout)
@@ -192,7 +194,7 @@ def merge_sharded(
         if td != treedef:
             return tree
         return td.unflatten([
-            jax.device_put(x, s) if tuple(np.shape(x)) == p.shape else x
+            jax.device_put(x, s) if p.action == "merge" and tuple(np.shape(x)) == p.shape else x
             for x, p, s in zip(leaves, plans, shardings)
         ])
 

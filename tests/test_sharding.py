@@ -33,7 +33,7 @@ T = 3
 # leaves whose sizes the meshes do not divide evenly: 1000 splits 125 per device on 8, (24, 10)
 # only along one dimension; the rest are replicated on every mesh (no dimension divides).
 SWEEP = {"w": (24, 10), "v": (1000,)}
-AWKWARD = {"m": (13, 7), "c": (5, 3, 11), "s": (), "b": (1, 6)}
+AWKWARD = {"m": (13, 7), "c": (5, 3, 11), "s": (), "b": (1, 6), "step": ()}
 
 
 def mesh_of(key: str):
@@ -259,9 +259,10 @@ def test_merge_identical_on_every_mesh(method, mesh):
     "name", [pytest.param(n, marks=() if n in AWKWARD_DEFAULT else pytest.mark.slow) for n in METHODS]
 )
 def test_awkward_leaves_identical(name):
-    """Leaves no mesh axis divides (replicated), bfloat16, a scalar, one split over part of the mesh."""
+    """Leaves no mesh axis divides (replicated), bfloat16, scalars, an integer leaf (copied), one
+    split over part of the mesh."""
     method = METHODS[name]
-    base, fts = models(AWKWARD, seed=2, dtypes={"c": jnp.bfloat16})
+    base, fts = models(AWKWARD, seed=2, dtypes={"c": jnp.bfloat16, "step": np.int64})
     want = bj.merge(base, fts, method)
     got = merge_sharded(base, fts, method, mesh=mesh_of("2x4"))
     for k in AWKWARD:
