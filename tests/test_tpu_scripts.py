@@ -111,7 +111,9 @@ def test_merge_vm_fetch_teardown(tmp_path):
     config = tmp_path / "merge.yaml"
     config.write_text("base_model: base\n")
     _, launch = dry("tpu_vm.sh", "merge", "--config", str(config), "--out", "merged")
-    assert "--worker=0" in launch and " --distributed" not in remote(launch)
+    assert "--worker=0" in launch
+    assert remote(launch).startswith("set -o pipefail; cd && breadcrumbs-venv/bin/breadcrumbs-jax merge "
+                                     "breadcrumbs-merge.yaml merged --sharded --report ")  # all chips of the VM
     assert dry("tpu_vm.sh", "fetch", "--out", "merged", "--to", str(tmp_path)) == [[
         "gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", "bc-test:merged", str(tmp_path),
         "--zone=us-central2-b", "--worker=0",

@@ -171,7 +171,7 @@ cmd_merge() {
   [[ -z $MESH || $MESH =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--mesh '$MESH' is not like 8 or 2,4"
   [[ -z $MESH_AXES || $MESH_AXES =~ ^[A-Za-z_][A-Za-z0-9_]*(,[A-Za-z_][A-Za-z0-9_]*)*$ ]] || die "--mesh-axes '$MESH_AXES' is not like x,y"
   local args=(merge "breadcrumbs-merge.yaml" "$OUT")
-  [[ $MODE == pod ]] && args+=(--distributed)
+  if [[ $MODE == pod ]]; then args+=(--distributed); else args+=(--sharded); fi
   [[ -n $MESH ]] && args+=(--mesh "$MESH")
   [[ -n $MESH_AXES ]] && args+=(--mesh-axes "$MESH_AXES")
   local s
