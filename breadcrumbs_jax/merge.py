@@ -106,8 +106,9 @@ def merge_leaf(
     """Merge one leaf as its plan says; returns the merged leaf and its report."""
     names = tuple(names) if names is not None else default_names(len(finetuned))
     check_leaf(plan, base, finetuned, names)
-    if plan.action != "merge":
-        return jnp.asarray(base), leaf_report(plan, None, len(finetuned))
+    if plan.action != "merge":  # kept as given (no device copy, no x64 truncation); 'base' takes out_dtype
+        out = base if plan.action == "copy" or out_dtype is None else base.astype(out_dtype)
+        return out, leaf_report(plan, None, len(finetuned))
     dtype = np.dtype(out_dtype) if out_dtype is not None else np.dtype(plan.dtype)
     merged, stats, finite = _merge_kernel(
         base, list(finetuned), jnp.uint32(path_hash(plan.path)), thresholds,
@@ -139,6 +140,7 @@ def merge_leaves(
         merged, report = merge_leaf(
             plan, base, finetuned, names=names, out_dtype=out_dtype, thresholds=thresholds.get(plan.path)
         )
+        del base, finetuned  # free the inputs before the consumer asks for the next leaf
         yield plan, merged, report
 
 

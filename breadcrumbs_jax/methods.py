@@ -69,10 +69,12 @@ class Method:
 
 def _describe(step: Step) -> str:
     if isinstance(step, MagnitudeBand):
-        b = step.band
-        return f"band[{float(b.beta):g},{float(b.gamma):g}]/{step.granularity}"
+        bands = step.band if isinstance(step.band, tuple) else (step.band,)
+        text = "|".join(f"{float(b.beta):g},{float(b.gamma):g}" for b in bands)
+        return f"band[{text}]/{step.granularity}"
     if isinstance(step, RandomDrop):
-        return f"drop(p={step.p:g},seed={step.seed})"
+        ps = step.p if isinstance(step.p, tuple) else (step.p,)
+        return f"drop(p={'|'.join(f'{p:g}' for p in ps)},seed={step.seed})"
     if isinstance(step, Weight):
         return "weight(" + ",".join(f"{w:g}" for w in step.weights) + ")"
     if isinstance(step, Scale):
@@ -91,7 +93,19 @@ def _weights(weights: Sequence[float] | None) -> tuple[Step, ...]:
     return () if weights is None else (Weight(tuple(float(w) for w in weights)),)
 
 
-def _band(beta=None, gamma=None, density=None, gamma_top=None) -> Band:
+def _per_task(**params):
+    """Scalars stay scalars; if any parameter is a sequence (one value per task), every parameter
+    becomes a tuple of that length (scalars repeated). Returns (number of tasks or None, params)."""
+    lengths = {len(v) for v in params.values() if isinstance(v, (list, tuple))}
+    if not lengths:
+        return None, params
+    if len(lengths) > 1:
+        raise MergeError(f"per-task parameters have different lengths {sorted(lengths)}: {params}")
+    n = lengths.pop()
+    return n, {k: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n for k, v in params.items()}
+
+
+def _one_band(beta, gamma, density, gamma_top) -> Band:
     quantile = beta is not None or gamma is not None
     mergekit = density is not None or gamma_top is not None
     if quantile and mergekit:
@@ -99,6 +113,14 @@ def _band(beta=None, gamma=None, density=None, gamma_top=None) -> Band:
     if mergekit:
         return Band.from_density(0.1 if density is None else density, 0.01 if gamma_top is None else gamma_top)
     return Band.from_quantiles(0.85 if beta is None else beta, 0.993 if gamma is None else gamma)
+
+
+def _band(beta=None, gamma=None, density=None, gamma_top=None) -> Band | tuple[Band, ...]:
+    """One band, or one per task when any parameter is a per-task sequence."""
+    n, p = _per_task(beta=beta, gamma=gamma, density=density, gamma_top=gamma_top)
+    if n is None:
+        return _one_band(**p)
+    return tuple(_one_band(p["beta"][t], p["gamma"][t], p["density"][t], p["gamma_top"][t]) for t in range(n))
 
 
 def linear(weights: Sequence[float] | None = None) -> Method:
@@ -122,7 +144,8 @@ def breadcrumbs(
     weights: Sequence[float] | None = None,
 ) -> Method:
     """Model Breadcrumbs: P + alpha * sum_t w_t m_t tau_t, m_t keeping the magnitude band
-    (defaults: beta=0.85, gamma=0.993, the paper's setting)."""
+    (defaults: beta=0.85, gamma=0.993, the paper's setting). Any band parameter may be a
+    sequence with one value per task (per-model bands, as mergekit's per-model density)."""
     band = _band(beta, gamma, density, gamma_top)
     return chain(
         "breadcrumbs", MagnitudeBand(band, granularity), *_weights(weights), Combine("sum"), Scale(alpha)
@@ -132,14 +155,16 @@ def breadcrumbs(
 def ties(
     alpha: float = 1.0,
     *,
-    density: float = 0.2,
+    density: float | Sequence[float] = 0.2,
     granularity: str = "tensor",
     weights: Sequence[float] | None = None,
 ) -> Method:
-    """TIES (Yadav et al. 2023): keep the top `density` by magnitude, elect signs, disjoint mean, scale."""
+    """TIES (Yadav et al. 2023): keep the top `density` (one, or one per task) by magnitude, elect
+    signs, disjoint mean, scale."""
+    band = tuple(map(Band.top_k, density)) if isinstance(density, (list, tuple)) else Band.top_k(density)
     return chain(
         "ties",
-        MagnitudeBand(Band.top_k(density), granularity),
+        MagnitudeBand(band, granularity),
         *_weights(weights),
         ElectSign(),
         Combine("disjoint_mean"),
@@ -148,10 +173,16 @@ def ties(
 
 
 def dare(
-    alpha: float = 1.0, *, p: float = 0.9, seed: int = 0, weights: Sequence[float] | None = None
+    alpha: float = 1.0,
+    *,
+    p: float | Sequence[float] = 0.9,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
 ) -> Method:
-    """DARE (Yu et al. 2023) with task arithmetic: drop with probability p, rescale by 1/(1-p), sum, scale."""
-    return chain("dare", RandomDrop(float(p), int(seed)), *_weights(weights), Combine("sum"), Scale(alpha))
+    """DARE (Yu et al. 2023) with task arithmetic: drop with probability p (one, or one per task),
+    rescale by 1/(1-p), sum, scale."""
+    drop = tuple(map(float, p)) if isinstance(p, (list, tuple)) else float(p)
+    return chain("dare", RandomDrop(drop, int(seed)), *_weights(weights), Combine("sum"), Scale(alpha))
 
 
 def breadcrumbs_ties(

@@ -77,7 +77,7 @@ def _mask_stats(tau: jax.Array, keep: jax.Array, low: jax.Array, high: jax.Array
 class MagnitudeBand:
     """Keep the entries of each group whose magnitude rank lies in the band (Breadcrumbs, TIES trim)."""
 
-    band: Band
+    band: Band | tuple[Band, ...]  # one band for all tasks, or one per task
     granularity: Granularity = "tensor"
 
     def __post_init__(self):
@@ -87,9 +87,20 @@ class MagnitudeBand:
             raise MergeError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
 
     def thresholds(self, parts: list[Part], n: int) -> tuple[Threshold, Threshold]:
-        n_bot, n_keep, _ = self.band.counts(n)
-        lo, hi = rank_thresholds(parts, [n_bot, n_bot + n_keep])
-        return lo, hi
+        if isinstance(self.band, Band):
+            n_bot, n_keep, _ = self.band.counts(n)
+            return tuple(rank_thresholds(parts, [n_bot, n_bot + n_keep]))
+        tasks = parts[0].keys.shape[0]
+        if len(self.band) != tasks:
+            from .errors import MergeError
+
+            raise MergeError(f"{len(self.band)} per-task bands given for {tasks} task vectors")
+        counts = [b.counts(n) for b in self.band]
+        # per-task ranks broadcast against the group shape: [T] for several parts, [T, 1, ...] for one
+        shape = (tasks,) + (1,) * (0 if len(parts) > 1 else parts[0].keys.ndim - 1)
+        lo = jnp.asarray([c[0] for c in counts], jnp.int32).reshape(shape)
+        hi = jnp.asarray([c[0] + c[1] for c in counts], jnp.int32).reshape(shape)
+        return tuple(rank_thresholds(parts, [lo, hi]))
 
     def mask(self, tau: jax.Array, ctx: LeafContext = LeafContext()) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(keep, dropped_low, dropped_high) boolean masks of a [T, ...] task-vector stack."""
@@ -112,27 +123,37 @@ class MagnitudeBand:
 
 @dataclasses.dataclass(frozen=True)
 class RandomDrop:
-    """DARE: drop each entry with probability p, rescale survivors by 1/(1-p); seeded per leaf and task."""
+    """DARE: drop each entry with probability p, rescale survivors by 1/(1-p); seeded per leaf and task.
+    `p` is one probability for all tasks or a tuple of one per task."""
 
-    p: float
+    p: float | tuple[float, ...]
     seed: int = 0
     rescale: bool = True
 
     def __post_init__(self):
-        if not 0 <= float(exact_fraction(self.p, "drop probability p")) < 1:
-            from .errors import MergeError
+        for p in self.p if isinstance(self.p, tuple) else (self.p,):
+            if not 0 <= float(exact_fraction(p, "drop probability p")) < 1:
+                from .errors import MergeError
 
-            raise MergeError(f"DARE drop probability p must lie in [0, 1), got {self.p}")
+                raise MergeError(f"DARE drop probability p must lie in [0, 1), got {p}")
 
     def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
         tau = state.tau
+        ps = self.p if isinstance(self.p, tuple) else (self.p,) * tau.shape[0]
+        if len(ps) != tau.shape[0]:
+            from .errors import MergeError
+
+            raise MergeError(f"{len(ps)} per-task drop probabilities given for {tau.shape[0]} task vectors")
         key = jax.random.fold_in(jax.random.key(self.seed), ctx.path_hash)
         keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(tau.shape[0]))
-        keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.p, tau.shape[1:]))(keys)
-        scale = 1.0 / (1.0 - self.p) if self.rescale else 1.0
+        keep_prob = jnp.asarray([1.0 - p for p in ps], jnp.float32)
+        keep = jax.vmap(lambda k, q: jax.random.bernoulli(k, q, tau.shape[1:]))(keys, keep_prob)
+        scale = jnp.asarray([1.0 / (1.0 - p) if self.rescale else 1.0 for p in ps], jnp.float32)
         none = jnp.zeros_like(keep)
         stats = _mask_stats(tau, keep, ~keep, none)
-        return state.replace(tau=jnp.where(keep, tau * scale, 0.0), stats={**state.stats, **stats})
+        return state.replace(
+            tau=jnp.where(keep, tau * _expand_task(scale, tau.ndim), 0.0), stats={**state.stats, **stats}
+        )
 
 
 @dataclasses.dataclass(frozen=True)

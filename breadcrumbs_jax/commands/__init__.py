@@ -1,0 +1,1 @@
+"""Subcommands of the `breadcrumbs-jax` command line (see breadcrumbs_jax.cli)."""

@@ -1,0 +1,207 @@
+import json
+
+import numpy as np
+import pytest
+
+import breadcrumbs_jax as bj
+from breadcrumbs_jax import MergeError, io
+from breadcrumbs_jax.stream import dry_run_checkpoints, merge_checkpoints
+
+from ckpt_factory import HF_SHAPES, models, same_bits
+
+FORMATS = {"orbax": "", "safetensors": ".safetensors", "msgpack": ".msgpack"}
+BC = bj.breadcrumbs(0.7, beta=0.6, gamma=0.95)  # one method for most tests: its kernels compile once
+
+
+def write_models(tmp_path, base, fts, formats=("orbax", "safetensors", "msgpack", "orbax")):
+    """Save the base and each fine-tuned model in the given formats (cycled); return their paths."""
+    paths = []
+    for i, (tree, fmt) in enumerate(zip([base, *fts], formats * 4)):
+        path = tmp_path / f"m{i}{FORMATS[fmt]}"
+        io.save(tree, path, format=fmt)
+        paths.append(path)
+    return paths[0], paths[1:]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """The standard models (T = 3) on disk in mixed formats: (base, fine-tuned, base path, paths)."""
+    base, fts = models()
+    b, ms = write_models(tmp_path_factory.mktemp("models"), base, fts)
+    return base, fts, b, ms
+
+
+CASES = {  # method, output format
+    "breadcrumbs": (BC, "orbax"),
+    "per_model_bands_row": (
+        bj.breadcrumbs(1.0, density=(0.1, 0.3, 0.5), gamma_top=(0.0, 0.05, 0.1), weights=(1, 0.5, 2), granularity="row"),
+        "safetensors",
+    ),
+    "global": (bj.breadcrumbs(0.7, beta=0.6, gamma=0.95, granularity="global"), "msgpack"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*keep no entries")  # row groups of 8 at density 0.1 keep none: reported
+@pytest.mark.parametrize("name", list(CASES))
+def test_streaming_equals_in_memory_bit_for_bit(tmp_path, written, name):
+    base, fts, b, ms = written
+    method, out_format = CASES[name]
+    target = tmp_path / f"out{FORMATS[out_format]}"
+    report = merge_checkpoints(b, ms, target, method)
+    expected = bj.merge(base, fts, method)
+    assert same_bits(io.load(target), expected.params)
+    assert report == bj.MergeReport(tuple(str(m) for m in ms), expected.report.leaves)
+
+
+def test_rules_and_output_dtype_match_in_memory(tmp_path, written):
+    base, fts, b, ms = written
+    rules = [bj.LeafRule("*embed*", action="base"), bj.LeafRule("*bias", method=bj.task_arithmetic(0.3))]
+    merge_checkpoints(b, ms, tmp_path / "out", BC, rules=rules, out_dtype="bfloat16")
+    expected = bj.merge(base, fts, BC, rules=rules, out_dtype="bfloat16").params
+    out = io.load(tmp_path / "out")
+    assert same_bits(out, expected)
+    assert out["params"]["embed"]["embedding"].dtype == np.dtype("bfloat16")
+    assert out["step"].dtype == np.int64
+
+
+class Recorder:
+    """Wraps a source and logs every read into a shared event list."""
+
+    def __init__(self, source, events):
+        self.source, self.events = source, events
+        self.name, self.format, self.layout = source.name, source.format, source.layout
+
+    def leaves(self):
+        return self.source.leaves()
+
+    def read(self, path, index=None):
+        self.events.append(("read", path))
+        return self.source.read(path, index)
+
+    def close(self):
+        self.source.close()
+
+
+def test_each_leaf_is_read_merged_and_written_before_the_next(tmp_path, written, monkeypatch):
+    _, _, b, ms = written
+    events = []
+    original = io.safetensors.SafetensorsSink.write
+    monkeypatch.setattr(io.safetensors.SafetensorsSink, "write",
+                        lambda self, path, array: (events.append(("write", path)), original(self, path, array)))
+    sources = [Recorder(io.open_source(p), events) for p in (b, *ms)]
+    merge_checkpoints(sources[0], sources[1:], tmp_path / "out.safetensors", BC)
+    leaves = list(dict.fromkeys(p for _, p in events))
+    for i, leaf in enumerate(leaves):  # reads of leaf i (one per model), then its write, then leaf i + 1
+        assert events[i * 5 : (i + 1) * 5] == [("read", leaf)] * 4 + [("write", leaf)]
+    assert len(events) == 5 * len(leaves)
+
+
+def test_report_json_and_no_overwrite_without_permission(tmp_path, written):
+    base, fts, b, ms = written
+    target, report = tmp_path / "out", tmp_path / "out.report.json"
+    merge_checkpoints(b, ms, target, BC, report_path=report)
+    data = json.loads(report.read_text())
+    assert data["task_names"] == [str(m) for m in ms] and len(data["leaves"]) == 4
+    before = io.load(target)
+    with pytest.raises(MergeError, match="output exists; pass --overwrite"):
+        merge_checkpoints(b, ms, target, bj.task_arithmetic(0.9))
+    assert same_bits(io.load(target), before)
+    merge_checkpoints(b, ms, target, bj.task_arithmetic(0.9), overwrite=True)
+    assert same_bits(io.load(target), bj.merge(base, fts, bj.task_arithmetic(0.9)).params)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+def _no_output(tmp_path, target):
+    assert not target.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}")]
+
+
+def test_missing_and_extra_leaves_name_leaf_and_model(tmp_path):
+    base, fts = models(n=2)
+    del fts[1]["params"]["embed"]
+    b, ms = write_models(tmp_path, base, fts, formats=("msgpack",))
+    with pytest.raises(MergeError, match="missing from this model") as e:
+        merge_checkpoints(b, ms, tmp_path / "out", BC)
+    assert "params/embed/embedding" in str(e.value) and str(ms[1]) in str(e.value)
+    _no_output(tmp_path, tmp_path / "out")
+    with pytest.raises(MergeError, match="not in the pre-trained model") as e:
+        merge_checkpoints(ms[1], [b], tmp_path / "out", BC)
+    assert "params/embed/embedding" in str(e.value)
+
+
+def test_shape_and_dtype_mismatches_name_leaf_and_model(tmp_path):
+    base, fts = models(n=2)
+    fts[0]["params"]["Dense_0"]["kernel"] = np.zeros((12, 8), np.float32)
+    fts[1]["params"]["embed"]["embedding"] = fts[1]["params"]["embed"]["embedding"].astype(np.float16)
+    b, ms = write_models(tmp_path, base, fts, formats=("msgpack",))
+    with pytest.raises(MergeError, match=r"shape \(12, 8\) differs from the pre-trained \(8, 12\)") as e:
+        merge_checkpoints(b, ms, tmp_path / "out", BC)
+    assert "params/Dense_0/kernel" in str(e.value) and str(ms[0]) in str(e.value)
+    with pytest.raises(MergeError, match="dtype float16 differs") as e:
+        merge_checkpoints(b, ms[1:], tmp_path / "out", BC)
+    assert "params/embed/embedding" in str(e.value) and str(ms[1]) in str(e.value)
+    _no_output(tmp_path, tmp_path / "out")
+
+
+def _vocab_models():
+    base, fts = models(HF_SHAPES)
+    for ft, extra in zip(fts, (3, 5, 4)):  # fine-tuning added tokens: larger embedding and head
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            ft[name] = np.concatenate([ft[name], np.ones((extra, 8), np.float32)])
+    return base, fts
+
+
+def test_vocabulary_mismatch_is_an_error_with_the_sizes(tmp_path):
+    base, fts = _vocab_models()
+    b, ms = write_models(tmp_path, base, fts, formats=("safetensors",))
+    with pytest.raises(MergeError, match="43 vs 40 entries along axis 0") as e:
+        merge_checkpoints(b, ms, tmp_path / "out", bj.breadcrumbs())
+    assert "vocab: shared" in str(e.value)
+    _no_output(tmp_path, tmp_path / "out")
+
+
+def test_vocabulary_mismatch_merges_shared_rows(tmp_path):
+    base, fts = _vocab_models()
+    base["lm_head.weight"] = base["lm_head.weight"][:38]  # base smaller than both: only 38 rows are shared
+    b, ms = write_models(tmp_path, base, fts, formats=("safetensors",))
+    method = BC
+    merge_checkpoints(b, ms, tmp_path / "out", method, vocab="shared")
+    out = io.load(tmp_path / "out")
+    cut = lambda t: {k: v[:38] if k == "lm_head.weight" else v[:40] if k == "model.embed_tokens.weight" else v for k, v in t.items()}  # noqa: E731
+    expected = bj.merge(base, [cut(f) for f in fts], method, layout="torch").params
+    assert same_bits(out, expected)
+    assert out["model.embed_tokens.weight"].shape == (40, 8)
+
+
+def test_failure_mid_merge_leaves_nothing(tmp_path, written):
+    _, _, b, ms = written
+    src = io.open_source(ms[2])
+    last = sorted(src.leaves())[-1]
+
+    class Failing(Recorder):
+        def read(self, path, index=None):
+            if path == last:
+                raise KeyboardInterrupt
+            return super().read(path, index)
+
+    for fmt in FORMATS.values():
+        target = tmp_path / f"out{fmt}"
+        with pytest.raises(KeyboardInterrupt):
+            merge_checkpoints(b, [ms[0], ms[1], Failing(src, [])], target, BC)
+        _no_output(tmp_path, target)
+
+
+def test_include_restricts_merge_and_output(tmp_path, written):
+    _, _, b, ms = written
+    merge_checkpoints(b, ms, tmp_path / "out", BC, include=["params/Dense_*"])
+    out = io.load(tmp_path / "out")
+    assert set(out) == {"params"} and set(out["params"]) == {"Dense_0"}
+
+
+def test_dry_run_describes_every_leaf_without_writing(tmp_path, written):
+    _, _, b, ms = written
+    text = dry_run_checkpoints(b, ms, bj.breadcrumbs(granularity="row"), out_dtype="bfloat16")
+    for path in ("params/embed/embedding", "params/Dense_0/kernel", "params/Dense_0/bias", "step"):
+        assert path in text
+    assert "4 leaves (3 merged, 0 kept from the pre-trained model, 1 copied), 3 fine-tuned models" in text
+    assert "output dtype: bfloat16" in text
