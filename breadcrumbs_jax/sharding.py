@@ -165,6 +165,21 @@ def plan_sharding(plan: LeafPlan, mesh: Mesh, rules: Sequence[ShardRule] = ()) -
     return NamedSharding(mesh, leaf_spec(plan.path, plan.shape, mesh, rules, prefer))
 
 
+def format_shardings(plans: Sequence[LeafPlan], shardings: Sequence[NamedSharding]) -> str:
+    """The dry-run table of shardings: per leaf its PartitionSpec and the shape each device holds."""
+    rows = [("leaf", "shape", "partition spec", "per device")]
+    for p, s in zip(plans, shardings):
+        rows.append((p.path, "x".join(map(str, p.shape)) or "scalar", str(tuple(s.spec)),
+                     "x".join(map(str, s.shard_shape(p.shape))) or "scalar"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if shardings:
+        mesh = shardings[0].mesh
+        lines.insert(0, f"mesh {dict(mesh.shape)} over {mesh.size} devices of {jax.process_count()} process(es)")
+    return "\n".join(lines)
+
+
 def merge_sharded(
     pretrained: Any,
     finetuned: Sequence[Any],

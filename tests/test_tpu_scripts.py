@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from breadcrumbs_jax.cli import build_parser
+from breadcrumbs_jax.sharding import ShardRule
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "tpu_scripts"
 WHERE = ["--name", "bc-test", "--zone", "us-central2-b"]
 
@@ -105,6 +108,10 @@ def test_merge_pod(tmp_path):
         "merge", "breadcrumbs-merge.yaml", "gs://bucket/merged", "--distributed", "--mesh", "4,4", "--mesh-axes",
         "x,y", "--shard", "*kernel=-,x+y", "--report", "breadcrumbs-merge.report.json", "--overwrite",
     ]
+    parsed = build_parser().parse_args(args)  # what the launcher on each worker will make of them
+    assert (parsed.command, parsed.config, parsed.out) == ("merge", "breadcrumbs-merge.yaml", "gs://bucket/merged")
+    assert parsed.distributed and parsed.overwrite and parsed.mesh == (4, 4) and parsed.mesh_axes == ("x", "y")
+    assert parsed.shard == [ShardRule("*kernel", (None, ("x", "y")))]
 
 
 def test_merge_vm_fetch_teardown(tmp_path):
