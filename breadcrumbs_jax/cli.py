@@ -16,7 +16,11 @@ import sys
 
 from .errors import MergeError
 
-COMMANDS: tuple[str, ...] = ("breadcrumbs_jax.commands.merge", "breadcrumbs_jax.commands.inspect")
+COMMANDS: tuple[str, ...] = (
+    "breadcrumbs_jax.commands.demo",
+    "breadcrumbs_jax.commands.merge",
+    "breadcrumbs_jax.commands.inspect",
+)
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 

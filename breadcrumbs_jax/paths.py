@@ -1,4 +1,9 @@
-"""Leaf paths: one readable string per PyTree leaf, used in rules, reports and errors."""
+"""Leaf paths: one readable string per PyTree leaf, used in rules, reports and errors.
+
+A Flax nnx `State` holds each array in a Variable whose key path ends in the attribute
+``.value``; that last component is dropped, so ``nnx.split(model, nnx.Param)[1]`` and its
+`nnx.to_pure_dict` have the same paths (``l1/kernel``).
+"""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import breadcrumbs_jax as bj
 from breadcrumbs_jax import io
 from breadcrumbs_jax.cli import main
 
-from ckpt_factory import HF_SHAPES, models, same_bits
+from tests.ckpt_factory import HF_SHAPES, models, same_bits
 
 PARAMS = {"alpha": 0.7, "beta": 0.6, "gamma": 0.95}  # as test_stream's BC: its kernels are compiled once
 
@@ -75,7 +75,7 @@ def test_dry_run_writes_nothing(tmp_path, ckpts, capsys):
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("params/", "step"))}
     assert set(lines) == {"params/embed/embedding", "params/Dense_0/kernel", "params/Dense_0/bias", "step"}
     assert " base " in lines["params/embed/embedding"] and "*embed*" in lines["params/embed/embedding"]
-    assert "breadcrumbs(band[0.6,0.95]/tensor, sum, alpha=0.7)" in lines["params/Dense_0/kernel"]
+    assert "breadcrumbs(band[0.6,0.95]/tensor,sum,alpha=0.7)" in lines["params/Dense_0/kernel"]
     assert " copy " in lines["step"]
     assert not (tmp_path / "out").exists()
 

@@ -5,7 +5,7 @@ import pytest
 from breadcrumbs_jax import MergeError, io
 from breadcrumbs_jax.io import msgpack as bc_msgpack
 
-from ckpt_factory import pretrained, same_bits
+from tests.ckpt_factory import pretrained, same_bits
 
 
 def test_reads_flax_to_bytes_lazily(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from breadcrumbs_jax import MergeError, io
 from breadcrumbs_jax.io.orbax import OrbaxSink, OrbaxSource
 
-from ckpt_factory import HF_SHAPES, pretrained, same_bits
+from tests.ckpt_factory import HF_SHAPES, pretrained, same_bits
 
 
 def test_round_trip_values_and_dtypes(tmp_path):

@@ -10,7 +10,7 @@ from safetensors.numpy import save_file
 from breadcrumbs_jax import MergeError, io
 from breadcrumbs_jax.io.safetensors import INDEX_NAME, SafetensorsSource
 
-from ckpt_factory import HF_SHAPES, pretrained, same_bits
+from tests.ckpt_factory import HF_SHAPES, pretrained, same_bits
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import breadcrumbs_jax as bj
 from breadcrumbs_jax import MergeError, io
 from breadcrumbs_jax.stream import dry_run_checkpoints, merge_checkpoints
 
-from ckpt_factory import HF_SHAPES, models, same_bits
+from tests.ckpt_factory import HF_SHAPES, models, same_bits
 
 FORMATS = {"orbax": "", "safetensors": ".safetensors", "msgpack": ".msgpack"}
 BC = bj.breadcrumbs(0.7, beta=0.6, gamma=0.95)  # one method for most tests: its kernels compile once
