@@ -112,7 +112,7 @@ def merge_leaf(
     if plan.action != "merge":  # kept as given (no device copy, no x64 truncation); 'base' takes out_dtype
         out = base if plan.action == "copy" or out_dtype is None else base.astype(out_dtype)
         return out, leaf_report(plan, None, len(finetuned))
-    dtype = np.dtype(out_dtype) if out_dtype is not None else np.dtype(plan.dtype)
+    dtype = jax.dtypes.canonicalize_dtype(out_dtype if out_dtype is not None else plan.dtype)
     merged, stats, finite = _merge_kernel(
         base, list(finetuned), jnp.uint32(path_hash(plan.path)), thresholds,
         method=plan.method, out_axis=plan.out_axis, out_dtype=dtype,
