@@ -4,7 +4,8 @@ An entry's rank in its group is its position when the group is sorted by magnitu
 broken by flat index (SPEC.md). The entry of rank k is found as a composite threshold
 (value, index): an entry ranks below k exactly when ``key < value`` or
 ``key == value and index < index_threshold``. Both parts are found by bisection, each step
-one counting pass. Counts are plain reductions over the group's axes, so under jit with a
+one counting pass; the index bisection runs only when a group's target falls strictly inside
+a run of equal keys (with continuous data it seldom does). Counts are plain reductions over the group's axes, so under jit with a
 sharded input they compile to local counts plus a tiny all-reduce, never a gather.
 
 A group may span several arrays ("parts", e.g. all leaves of a task vector for `global`
@@ -115,6 +116,7 @@ def rank_thresholds(parts: Sequence[Part], ranks: Sequence[int | jax.Array]) -> 
         for p, part in enumerate(parts):
             ties = part.keys == _expand(v, part.keys.ndim)
             idx = part.index
+            n_ties = count(p, ties)
             need = rest + 1  # the (rest)-th tie of this part, 0-based, ends the band below
 
             def index_step(_, carry, ties=ties, idx=idx, need=need, nd=part.keys.ndim, p=p):
@@ -123,13 +125,18 @@ def rank_thresholds(parts: Sequence[Part], ranks: Sequence[int | jax.Array]) -> 
                 ok = count(p, ties & (idx <= _expand(mid, nd))) >= need
                 return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
 
-            steps = max(1, math.ceil(math.log2(part.size + 1)))
-            pshape = need.shape
-            _, i = lax.fori_loop(
-                0, steps, index_step,
-                (jnp.zeros(pshape, jnp.int32), jnp.full(pshape, part.size, jnp.int32)),
-            )
+            def bisect(_, size=part.size, step=index_step, shape=need.shape):
+                steps = max(1, math.ceil(math.log2(size + 1)))
+                start = (jnp.zeros(shape, jnp.int32), jnp.full(shape, size, jnp.int32))
+                return lax.fori_loop(0, steps, step, start)[1]
+
+            def whole(_, size=part.size, rest=rest, n_ties=n_ties):
+                # no group splits a run of ties: all of them are below (size) or none is (0)
+                return jnp.where(rest >= n_ties, size, 0).astype(jnp.int32)
+
+            split = jnp.any((rest > 0) & (rest < n_ties))  # only then is the index bisection needed
+            i = lax.cond(split, bisect, whole, None)
             index.append(i)
-            rest = rest - count(p, ties)
+            rest = rest - n_ties
         thresholds.append(Threshold(v, tuple(index)))
     return thresholds
