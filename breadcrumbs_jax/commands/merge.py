@@ -88,19 +88,27 @@ def run(args: argparse.Namespace) -> int:
         fmt = cfg.output.format or format_for(args.out)
         print(f"output: {args.out} ({fmt}){' - exists: needs --overwrite' if Path(args.out).exists() and not args.overwrite else ''}")
         return 0
-    report_path = args.report or f"{Path(args.out).absolute()}.report.json"
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    start = time.perf_counter()
+    report_path, progress, start = _run_options(args, Path(args.out).absolute())
     report = merge_checkpoints(
         base, models, args.out, method, out_dtype=cfg.dtype, format=cfg.output.format,
         shard_size=cfg.output.shard_size, overwrite=args.overwrite, progress=progress,
         report_path=report_path, **kw,
     )
+    print(_summary(report, len(models), args.out, "", start, report_path), file=sys.stderr)
+    return 0
+
+
+def _run_options(args: argparse.Namespace, out) -> tuple[str, bool, float]:
+    """(report path, whether to show progress, start time) of a merge run."""
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    return args.report or f"{out}.report.json", progress, time.perf_counter()
+
+
+def _summary(report, n_models: int, out, where: str, start: float, report_path) -> str:
     tot = report.totals()
     kept = f"; kept {tot['kept']} of {tot['entries']} task-vector entries" if tot["entries"] else ""
-    print(f"merged {len(report.leaves)} leaves of {len(models)} models into {args.out} in "
-          f"{time.perf_counter() - start:.1f} s{kept}; report: {report_path}", file=sys.stderr)
-    return 0
+    return (f"merged {len(report.leaves)} leaves of {n_models} models into {out}{where} in "
+            f"{time.perf_counter() - start:.1f} s{kept}; report: {report_path}")
 
 
 def run_sharded(args: argparse.Namespace, cfg, base, models, method, kw: dict) -> int:
@@ -114,9 +122,7 @@ def run_sharded(args: argparse.Namespace, cfg, base, models, method, kw: dict) -
         print(dry_run_distributed(base, models, method, mesh=mesh, shard_rules=args.shard, out_dtype=cfg.dtype, **kw))
         print(f"output: {args.out} (orbax, every process writing its own shards)")
         return 0
-    report_path = args.report or f"{args.out}.report.json"
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    start = time.perf_counter()
+    report_path, progress, start = _run_options(args, args.out)
     result = merge_distributed(
         base, models, args.out, method, mesh=mesh, shard_rules=args.shard, out_dtype=cfg.dtype,
         overwrite=args.overwrite, progress=progress, report_path=report_path, **kw,
@@ -126,9 +132,6 @@ def run_sharded(args: argparse.Namespace, cfg, base, models, method, kw: dict) -
           f"{result.bytes_loaded} bytes of the leaves it loaded ({jax.local_device_count()} of "
           f"{jax.device_count()} devices)", file=sys.stderr)
     if jax.process_index() == 0:
-        tot = report.totals()
-        kept = f"; kept {tot['kept']} of {tot['entries']} task-vector entries" if tot["entries"] else ""
-        print(f"merged {len(report.leaves)} leaves of {len(models)} models into {args.out} on mesh "
-              f"{dict(mesh.shape)} in {time.perf_counter() - start:.1f} s{kept}; report: {report_path}",
-              file=sys.stderr)
+        where = f" on mesh {dict(mesh.shape)}"
+        print(_summary(report, len(models), args.out, where, start, report_path), file=sys.stderr)
     return 0
