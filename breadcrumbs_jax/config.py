@@ -65,6 +65,7 @@ class MethodParams(TaskParams):
 
     alpha: float | None = None
     seed: int | None = None
+    normalize: bool | None = None
     granularity: Literal["tensor", "row", "global"] | None = None
 
 

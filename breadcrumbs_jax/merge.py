@@ -39,12 +39,15 @@ def default_names(n: int) -> tuple[str, ...]:
 
 
 def check_leaf(plan: LeafPlan, base, finetuned: Sequence, names: Sequence[str], base_name: str = "pretrained") -> None:
-    """Shapes and dtypes of one leaf agree with the plan in every model; errors name leaf and model."""
+    """Shapes and dtypes of one leaf agree with the plan in every model; errors name leaf and model.
+
+    Dtypes compare as JAX holds them (float64 is float32 unless jax_enable_x64 is set)."""
+    want = jax.dtypes.canonicalize_dtype(plan.dtype)
     for name, x in zip((base_name, *names), (base, *finetuned)):
         shape, dtype = tuple(np.shape(x)), str(np.dtype(x.dtype))
         if shape != plan.shape:
             raise MergeError(f"shape {shape} differs from the pre-trained {plan.shape}", leaf=plan.path, source=name)
-        if dtype != plan.dtype:
+        if jax.dtypes.canonicalize_dtype(x.dtype) != want:
             raise MergeError(f"dtype {dtype} differs from the pre-trained {plan.dtype}", leaf=plan.path, source=name)
 
 
@@ -111,7 +114,7 @@ def merge_leaf(
     if plan.action != "merge":  # kept as given (no device copy, no x64 truncation); 'base' takes out_dtype
         out = base if plan.action == "copy" or out_dtype is None else base.astype(out_dtype)
         return out, leaf_report(plan, None, len(finetuned))
-    dtype = np.dtype(out_dtype) if out_dtype is not None else np.dtype(plan.dtype)
+    dtype = jax.dtypes.canonicalize_dtype(out_dtype if out_dtype is not None else plan.dtype)
     merged, stats, finite = _merge_kernel(
         base, list(finetuned), jnp.uint32(path_hash(plan.path)), thresholds,
         method=plan.method, out_axis=plan.out_axis, out_dtype=dtype,

@@ -194,15 +194,18 @@ def breadcrumbs_ties(
     gamma_top: float | None = None,
     granularity: str = "tensor",
     weights: Sequence[float] | None = None,
+    normalize: bool = True,
 ) -> Method:
-    """Breadcrumbs mask, then TIES sign election and disjoint mean (mergekit's breadcrumbs_ties)."""
+    """Breadcrumbs mask, then TIES sign election; `normalize` divides each entry by the summed
+    weights of the agreeing tasks (TIES' disjoint mean), else the agreeing entries are summed
+    (mergekit's breadcrumbs_ties default, normalize: false)."""
     band = _band(beta, gamma, density, gamma_top)
     return chain(
         "breadcrumbs_ties",
         MagnitudeBand(band, granularity),
         *_weights(weights),
         ElectSign(),
-        Combine("disjoint_mean"),
+        Combine("disjoint_mean" if normalize else "sum"),
         Scale(alpha),
     )
 

@@ -108,3 +108,11 @@ def test_jax_inputs_are_accepted():
     pre = {"w": jnp.ones(5)}
     out = bj.merge(pre, [{"w": jnp.full(5, 2.0)}], bj.task_arithmetic(0.5))
     np.testing.assert_array_equal(np.asarray(out.params["w"]), 1.5)
+
+
+def test_float64_leaves_merge_as_jax_holds_them():
+    pre = {"w": np.zeros(4, np.float64)}
+    out = bj.merge(pre, [{"w": jnp.ones(4)}], bj.task_arithmetic(0.5))  # jnp.ones is float32 without x64
+    np.testing.assert_array_equal(np.asarray(out.params["w"]), 0.5)
+    with pytest.raises(bj.MergeError, match="dtype float16 differs from the pre-trained float64"):
+        bj.merge(pre, [{"w": np.ones(4, np.float16)}], bj.task_arithmetic())

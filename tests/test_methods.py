@@ -187,3 +187,17 @@ def test_custom_chain_is_a_few_lines(models):
         return p.astype(np.float32) + np.where(den != 0, num / np.where(den != 0, den, 1), 0)
 
     run(models, method, want)
+
+
+def test_breadcrumbs_ties_unnormalized_sums_agreeing_entries(models):
+    density, gamma_top, alpha = 0.25, 0.05, 0.5
+
+    def want(path, p, fts):
+        masks = [ref.band_mask(ref.tau(p, f), 0.7, 0.95, "tensor") for f in fts]
+        ts = [ref.tau(p, f) * m * np.float32(w) for f, m, w in zip(fts, masks, WEIGHTS)]
+        elected = np.sign(ref.tsum(ts))
+        agree = [np.where(np.sign(t) == elected, t, 0.0).astype(np.float32) for t in ts]
+        return p.astype(np.float32) + np.float32(alpha) * ref.tsum(agree)
+
+    method = bj.breadcrumbs_ties(alpha, density=density, gamma_top=gamma_top, weights=WEIGHTS, normalize=False)
+    run(models, method, want)

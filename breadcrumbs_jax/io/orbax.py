@@ -93,6 +93,24 @@ class OrbaxSource:
         array = np.asarray(jax.tree_util.tree_leaves(restored)[i])
         return checked(self, self._infos[path], array if index is None else array[index], index)
 
+    def read_sharded(self, path: str, sharding: jax.sharding.Sharding) -> jax.Array:
+        """One leaf as a global array with `sharding`: this process reads only its devices' shards."""
+        i, info = self._index[path], self._infos[path]
+        dtype = jax.dtypes.canonicalize_dtype(info.dtype)  # as device arrays hold it (float64 -> float32 without x64)
+        target = jax.ShapeDtypeStruct(info.shape, dtype, sharding=sharding)
+        args = ocp.args.PyTreeRestore(
+            item=self._only(i, target), restore_args=self._only(i, ocp.ArrayRestoreArgs(sharding=sharding))
+        )
+        try:
+            restored = self._checkpointer.restore(self.directory, args=args)
+        except Exception as e:  # tensorstore and orbax raise many types on damaged data
+            raise MergeError(f"unreadable: {_short(e)}", leaf=path, source=self.name) from None
+        array = jax.tree_util.tree_leaves(restored)[i]
+        if array.shape != info.shape or array.dtype != dtype:
+            raise MergeError(f"corrupt checkpoint: read {array.dtype}{list(array.shape)}, metadata says "
+                             f"{dtype}{list(info.shape)}", leaf=path, source=self.name)
+        return array
+
     def close(self) -> None:
         self._checkpointer.close()
 
@@ -117,7 +135,7 @@ class OrbaxSink:
         *parents, last = path.split(SEP)
         for key in parents:
             node = node.setdefault(key, {})
-        node[last] = np.asarray(array)
+        node[last] = array if isinstance(array, jax.Array) else np.asarray(array)  # global arrays stay sharded
         self._nbytes += node[last].nbytes
         if self._nbytes >= self.flush_bytes:
             self._flush()
