@@ -112,13 +112,18 @@ def below(part: Part, thr: Threshold, p: int = 0) -> jax.Array:
 # ---------------------------------------------------------------- blocked reductions over group axes
 
 
-def _block_plan(shape: Sequence[int], axes: Sequence[int], levels: int = 2) -> tuple[tuple[int, int], ...]:
-    """Up to `levels` block reductions (axis, factor) over group axes: the largest power-of-two factor
-    (<= 32) that divides an axis, preferring an axis that is not the minor one."""
+def _block_plan(shape: Sequence[int], axes: Sequence[int], levels: int = 2, devices: int = 1) -> tuple[tuple[int, int], ...]:
+    """Up to `levels` block reductions (axis, factor) over group axes: the largest factor <= 32 that
+    divides an axis into a number of blocks that `devices` divides (so that, sharded over any of
+    them, an axis splits into whole blocks on each device), preferring an axis that is not the
+    minor one."""
     plan, shape = [], list(shape)
     for _ in range(levels):
-        options = [(math.gcd(shape[a], _BLOCK), a != len(shape) - 1, shape[a], a) for a in axes]
-        options = [o for o in options if o[0] >= 4]
+        options = []
+        for a in axes:
+            r = next((r for r in range(_BLOCK, 3, -1) if shape[a] % r == 0 and shape[a] // r % devices == 0), None)
+            if r is not None:
+                options.append((r, a != len(shape) - 1, shape[a], a))
         if not options:
             break
         r, _, _, a = max(options)
@@ -161,7 +166,7 @@ def reduce_groups(arrays: Sequence[jax.Array], kinds: Sequence[str], axes: Seque
     compiles a reduction fused with elementwise work over a large array to a loop several times
     slower than one pass over it. Sharded inputs reduce locally, then all-reduce."""
     arrays = list(arrays)
-    for block in _block_plan(arrays[0].shape, axes):
+    for block in _block_plan(arrays[0].shape, axes, devices=jax.device_count()):
         arrays = _reduce_blocks(arrays, kinds, block)
     fn = {"sum": jnp.sum, "min": jnp.min, "max": jnp.max}
     return [fn[k](x, axis=tuple(axes)) for k, x in zip(kinds, arrays)]
@@ -204,8 +209,9 @@ class _Groups:
 
     Per-group values of all targets are stacked: [targets, *shape]."""
 
-    def __init__(self, parts: Sequence[Part]):
+    def __init__(self, parts: Sequence[Part], sharded: bool):
         self.parts = tuple(parts)
+        self.sharded = sharded
         self.multi = len(parts) > 1
         if self.multi:
             for p in parts:
@@ -218,7 +224,7 @@ class _Groups:
         self.size = sum(p.size for p in parts)
         if self.size >= KEY_MAX:
             raise ValueError(f"a group of {self.size} entries does not fit int32 counts")
-        self.plans = tuple(_block_plan(p.values.shape, p.axes) for p in parts)
+        self.plans = tuple(_block_plan(p.values.shape, p.axes, devices=jax.device_count() if sharded else 1) for p in parts)
         # extraction keeps one min/max per block at the coarsest level with enough blocks per group
         self.at, self.blocks = [], 0
         for p, plan in zip(parts, self.plans):
@@ -264,8 +270,11 @@ jax.tree_util.register_dataclass(_Bracket, data_fields=["lo", "hi", "c_lo", "c_h
 
 def _sample(groups: _Groups, budget: int) -> jax.Array:
     """A sorted strided sample of every group, [*groups.shape, S]: the whole group when all groups
-    together hold at most `budget` entries."""
+    together hold at most `budget` entries. Empty when there are several devices: sorting a sample
+    of a sharded array would gather it."""
     n_groups = math.prod(groups.shape)
+    if jax.device_count() > 1:
+        return jnp.zeros(groups.shape + (0,), jnp.int32)
     if groups.size * n_groups <= budget:
         per_group = groups.size
     else:
@@ -292,6 +301,8 @@ def _sample_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Ar
     points in [lo, hi] is expected +- 2.5 standard deviations; the bracket's own end where the sample
     runs out. Also the share of the bracket's entries expected between them."""
     s = sample.shape[-1]
+    if s == 0:
+        return b.lo, b.hi, jnp.ones(k.shape, jnp.float32)
     sample = jnp.broadcast_to(sample, k.shape + (s,))
     first = jnp.sum(sample < b.lo[..., None], axis=-1, dtype=jnp.int32)
     m = jnp.sum(sample <= b.hi[..., None], axis=-1, dtype=jnp.int32) - first
@@ -517,7 +528,7 @@ def _count_along(groups: _Groups, mask: jax.Array, axes: Sequence[int], axis: in
     group `axes`: [targets, *groups, d] (d = 1 when the part has no group axis)."""
     others = [a + 1 for a in axes if a != axis]
     x = mask.astype(jnp.int32)
-    for block in _block_plan(x.shape, others, levels=1):
+    for block in _block_plan(x.shape, others, levels=1, devices=jax.device_count() if groups.sharded else 1):
         x = _reduce_blocks([x], ["sum"], block)[0]
     c = jnp.sum(x, axis=tuple(others), keepdims=True)
     c = c[..., None] if axis is None else jnp.moveaxis(c, axis + 1, -1)
@@ -570,22 +581,47 @@ def _index_search(groups: _Groups, value: jax.Array, j: jax.Array) -> list[jax.A
     return out
 
 
+def _index_by_count(groups: _Groups, value: jax.Array, j: jax.Array) -> list[jax.Array]:
+    """The index thresholds found by the value search itself, on keys that are the position (part
+    offset + flat index) of each entry equal to the value and KEY_MAX elsewhere: reductions only,
+    for sharded arrays (the running sums of `_index_search` would gather their counts)."""
+    offsets = [0]
+    for part in groups.parts[:-1]:
+        offsets.append(offsets[-1] + part.size)
+    parts = []
+    for t in range(value.shape[0]):
+        keyed = [
+            jnp.where(p.keys == groups.expand(value, i)[t], p.index + off, KEY_MAX)
+            for i, (p, off) in enumerate(zip(groups.parts, offsets))
+        ]
+        parts.append(keyed)
+    out = []
+    for t in range(value.shape[0]):  # one search per target: each has its own keys
+        keyed = _Groups([Part(x, p.axes) for x, p in zip(parts[t], groups.parts)], sharded=True)
+        found = _value_search(keyed, j[t][None], 0).lo[0]
+        out.append([jnp.clip(found - off, 0, p.size) for p, off in zip(groups.parts, offsets)])
+    return [jnp.stack([o[i] for o in out]) for i in range(len(groups.parts))]
+
+
 def rank_thresholds(
-    parts: Sequence[Part], ranks: Sequence[int | jax.Array], *, sample: int | None = None
+    parts: Sequence[Part], ranks: Sequence[int | jax.Array], *, sample: int | None = None, sharded: bool | None = None
 ) -> list[Threshold]:
     """The composite threshold of each rank k in `ranks` (0 <= k <= group size).
 
     k == group size gives a threshold above every entry. Groups are the entries sharing all
     non-ranked axes; with several parts the ranked axes must be all but the leading one.
     `sample` bounds the keys sampled (and sorted) over all groups together to place the first
-    pivots; when all groups hold no more, they are sorted whole. It changes the speed, never the
-    result.
+    pivots; when all groups hold no more, they are sorted whole. `sharded` (default: whether JAX
+    sees several devices) avoids every step whose sharded form is not a local reduction plus an
+    all-reduce: the sample, running sums, blocks that a device's shard may split. Neither changes
+    the result, only the speed.
     """
-    groups = _Groups(parts)
+    groups = _Groups(parts, jax.device_count() > 1 if sharded is None else sharded)
     k = jnp.stack([jnp.broadcast_to(jnp.asarray(r, jnp.int32), groups.shape) for r in ranks])
     b = _value_search(groups, k, _SAMPLE_BUDGET if sample is None else sample)
     j = jnp.where(k == groups.size, 0, k - b.c_lo)  # entries equal to the value that rank below k
     zeros = [jnp.zeros(k.shape, jnp.int32) for _ in parts]
-    index = lax.cond(jnp.any(j > 0), lambda: _index_search(groups, b.lo, j), lambda: zeros)
+    search = _index_by_count if groups.sharded else _index_search
+    index = lax.cond(jnp.any(j > 0), lambda: search(groups, b.lo, j), lambda: zeros)
     index = [jnp.where(k == groups.size, p.size, i) for p, i in zip(parts, index)]
     return [Threshold(b.lo[t], tuple(i[t] for i in index)) for t in range(len(ranks))]

@@ -1,10 +1,11 @@
 """Exact rank selection (breadcrumbs_jax.selection) against a sort-based numpy reference.
 
 The entry of rank k in a group is the k-th in the order (|x|, flat index); `below(part, thr)` must
-mark exactly the k entries before it, whatever the ties. Each case runs twice: with the default
-sample (small groups are then sorted whole, so the first pass finds the value) and with a tiny
-sample, which forces the counting passes, the interpolation, the block extraction and, on ties,
-the positional index search.
+mark exactly the k entries before it, whatever the ties. Each case runs in three modes: the default
+sample (small groups are then sorted whole, so the first pass finds the value); a tiny sample, which
+forces the counting passes, the interpolation, the block extraction and, on ties, the positional
+index search; and the sharded mode (no sample, blocks whole on any of the 8 test devices, the index
+found by counting), which test_sharding.py compiles over meshes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 from breadcrumbs_jax.selection import Part, below, magnitude_keys, rank_thresholds
 
-SAMPLES = [None, 64]
+MODES = [(None, False), (64, False), (None, True)]  # (sample, sharded)
 
 
 def np_keys(x: np.ndarray) -> np.ndarray:
@@ -44,19 +45,19 @@ def reference_below(x: np.ndarray, axes: tuple[int, ...], k) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def kernel(axes: tuple[int, ...], n_ranks: int, sample: int | None):
+def kernel(axes: tuple[int, ...], n_ranks: int, mode: tuple[int | None, bool]):
     @jax.jit
     def f(x, ranks):
         part = Part(x, axes)
-        thresholds = rank_thresholds([part], [ranks[i] for i in range(n_ranks)], sample=sample)
+        thresholds = rank_thresholds([part], [ranks[i] for i in range(n_ranks)], sample=mode[0], sharded=mode[1])
         return jnp.stack([below(part, t) for t in thresholds])
 
     return f
 
 
-def check(x, axes, ranks, sample):
+def check(x, axes, ranks, mode):
     x = np.asarray(x, np.float32)
-    got = np.asarray(kernel(tuple(axes), len(ranks), sample)(x, jnp.asarray(ranks, jnp.int32)))
+    got = np.asarray(kernel(tuple(axes), len(ranks), mode)(x, jnp.asarray(ranks, jnp.int32)))
     for k, g in zip(ranks, got):
         np.testing.assert_array_equal(g, reference_below(x, tuple(axes), k), err_msg=f"rank {k}")
 
@@ -91,50 +92,52 @@ def make(kind: str, shape, seed: int) -> np.ndarray:
     return np.where(rng.random(shape) < 0.5, -0.0, 0.0).astype(np.float32)  # -0 ties with +0
 
 
-@pytest.mark.parametrize("sample", SAMPLES)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape,axes", CASES)
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(kind=values, seed=st.integers(0, 2**16), data=st.data())
-def test_exact_against_lexsort(shape, axes, sample, kind, seed, data):
+def test_exact_against_lexsort(shape, axes, mode, kind, seed, data):
     n = group_size(shape, axes)
     ranks = data.draw(st.lists(st.integers(0, n), min_size=3, max_size=3))
-    check(make(kind, shape, seed), axes, ranks, sample)
+    check(make(kind, shape, seed), axes, ranks, mode)
 
 
-@pytest.mark.parametrize("sample", SAMPLES)
-def test_band_edges_and_extremes(sample):
+@pytest.mark.parametrize("mode", MODES)
+def test_band_edges_and_extremes(mode):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 64, 96)).astype(np.float32)
     n = 64 * 96
-    check(x, (1, 2), [0, 1, n // 2, int(n * 0.85), int(n * 0.993), n - 1, n], sample)
+    check(x, (1, 2), [0, 1, n // 2, int(n * 0.85), int(n * 0.993), n - 1, n], mode)
 
 
-@pytest.mark.parametrize("sample", SAMPLES)
-def test_ties_straddle_both_thresholds(sample):
+@pytest.mark.parametrize("mode", MODES)
+def test_ties_straddle_both_thresholds(mode):
     # 90% zeros: the low threshold falls inside the run of zeros, the index tie-break decides
     x = np.zeros((2, 50, 40), np.float32)
     x[:, ::10] = np.arange(1, 401, dtype=np.float32).reshape(2, 5, 40)[:, :5]
-    check(x, (1, 2), [1000, 1799, 1800, 1950], sample)
+    check(x, (1, 2), [1000, 1799, 1800, 1950], mode)
 
 
-@settings(max_examples=20, deadline=None)
+@pytest.mark.parametrize("mode", MODES[1:])
+@settings(max_examples=15, deadline=None)
 @given(x=hnp.arrays(np.float32, (2, 24, 20), elements=st.floats(-4, 4, width=32)), data=st.data())
-def test_hypothesis_arrays(x, data):
+def test_hypothesis_arrays(mode, x, data):
     ranks = data.draw(st.lists(st.integers(0, 480), min_size=2, max_size=2))
-    check(x, (1, 2), ranks, 64)
+    check(x, (1, 2), ranks, mode)
 
 
-def test_ranks_per_group():
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_ranks_per_group(mode):
     # one rank per task (a [T, 1, 1] array), as per-task bands give
     rng = np.random.default_rng(3)
     x = rng.integers(-5, 6, (3, 30, 20)).astype(np.float32)
     ranks = np.array([0, 250, 600], np.int32).reshape(3, 1, 1)
-    f = jax.jit(lambda x, r: below(Part(x, (1, 2)), rank_thresholds([Part(x, (1, 2))], [r], sample=64)[0]))
+    f = jax.jit(lambda x, r: below(Part(x, (1, 2)), rank_thresholds([Part(x, (1, 2))], [r], sample=mode[0], sharded=mode[1])[0]))
     np.testing.assert_array_equal(np.asarray(f(x, ranks)), reference_below(x, (1, 2), ranks))
 
 
-@pytest.mark.parametrize("sample", SAMPLES)
-def test_several_parts_rank_as_one_group(sample):
+@pytest.mark.parametrize("mode", MODES)
+def test_several_parts_rank_as_one_group(mode):
     # global granularity: all leaves of a task vector are one group, ties ordered by part then index
     rng = np.random.default_rng(4)
     leaves = [
@@ -149,7 +152,7 @@ def test_several_parts_rank_as_one_group(sample):
     @jax.jit
     def f(*xs):
         parts = [Part(x, tuple(range(1, x.ndim))) for x in xs]
-        ths = rank_thresholds(parts, ranks, sample=sample)
+        ths = rank_thresholds(parts, ranks, sample=mode[0], sharded=mode[1])
         return [[below(p, t, i) for i, p in enumerate(parts)] for t in ths]
 
     got = f(*leaves)
@@ -174,4 +177,4 @@ def test_large_group_uses_block_extraction(kind):
     x = make(kind, (2, 1024, 1024), 7)
     n = 1024 * 1024
     ranks = [n - 149946 - 7340, n - 7340]  # the Breadcrumbs band of beta 0.85, gamma 0.993
-    check(x, (1, 2), ranks, None)
+    check(x, (1, 2), ranks, (None, False))
