@@ -1,6 +1,6 @@
 """Llama-style Hugging Face checkpoints with random weights: a base and T perturbed fine-tunings.
 
-    python bench/llama_models.py OUT_DIR --size 100m --tasks 4 [--dtype bfloat16]
+    python bench/llama_models.py OUT_DIR --size 100m --tasks 4 [--dtype bfloat16|float32]
 
 Each model is a folder with config.json (LlamaForCausalLM, so mergekit and transformers accept it)
 and safetensors shards of at most 1 GiB with model.safetensors.index.json, tensors in PyTorch
