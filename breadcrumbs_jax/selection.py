@@ -3,30 +3,35 @@
 An entry's rank in its group is its position when the group is sorted by magnitude, ties broken
 by flat index (SPEC.md). The entry of rank k is described by a composite threshold (value, index):
 an entry ranks below k exactly when ``key < value``, or ``key == value and index < index_threshold``.
+Keys are the float32 bits of |x| as int32 (they sort like |x|), recomputed in every pass.
 
 Value. Each target rank k keeps a bracket [lo, hi] of keys that holds its value, with exact counts
-of the entries below lo and up to hi. One pass over the data counts, for two pivots per target, the
-entries below each; all targets share one int32 word per entry (8-bit lanes). The bracket shrinks to
-the side the target's rank falls on. The first pivots come from a small strided sample of each group
-(the sample is sorted, never the data); later ones interpolate the target's rank inside the bracket,
-about two standard deviations either side. Once the inner bracket holds few entries, the same pass
-also keeps the smallest and largest candidate of each block of about 1024 entries: unless a block
-holds three distinct candidates, these are all of them, and they give the value with no further pass.
+of the entries below lo and up to hi. A pass counts, for two pivots per target, the entries below
+each; all targets share one int32 word per entry (8-bit lanes); the bracket shrinks to the side the
+target falls on. Pivots: first from a sorted strided sample of each group (the sample is sorted,
+never the data); then by interpolating the target's rank inside the bracket (the sample decides
+where keys cluster, as runs of ties do; a miss is followed by pivots bracketing the chord and
+tangent estimates). When a bracket holds few entries (or few distinct keys), the pass also keeps,
+per target and block of about 1024 entries, the number, min and max of its candidates: unless a
+block holds three distinct candidates these are all of them and give the value at once; otherwise
+they bound it, and the next pivots split those bounds.
 
 Index. Only when the target lies strictly inside a run of equal keys is the index threshold needed.
 It is found by position: a pass counts the tied entries along the first group axis, a running sum of
 these few counts picks the line that holds the target, the next pass does the same inside that line.
 
-Every data-dependent step is a reduction over the group's axes (blocks of 32 along one axis, then the
-rest), so with a sharded input it compiles to local work plus a small all-reduce: no ravel, no sort
-and no cumulative sum of the data. A group may span several arrays ("parts", e.g. all leaves of a
+Every pass is a reduction over the group's axes (variadic, in blocks of 32 along one axis, then the
+rest: XLA:CPU compiles a reduction fused with elementwise work over many axes to a loop several times
+slower than a pass). In `sharded` mode (the default when JAX sees several devices) every
+data-dependent step is a local reduction plus a small all-reduce: the block counts divide by the
+device count, there is no sample, and the index threshold is found by the same counting search on
+the positions of the tied entries. A group may span several arrays ("parts", e.g. all leaves of a
 task vector for `global` granularity); ties are then ordered by part, then by flat index in the part.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 
