@@ -58,11 +58,11 @@ def register(subparsers) -> None:
 
 
 def compilation_cache() -> None:
-    """Keep the compiled merge kernels (one per leaf shape, dtype and method, a second or two of
-    compiling each) across runs, in JAX's persistent cache: $BREADCRUMBS_JAX_CACHE, else
-    ~/.cache/breadcrumbs_jax; 'off' disables it. A cache the user configured for JAX is kept."""
-    where = os.environ.get("BREADCRUMBS_JAX_CACHE", str(Path.home() / ".cache" / "breadcrumbs_jax"))
-    if where == "off" or jax.config.jax_compilation_cache_dir:
+    """Keep the compiled merge kernels (one per leaf shape, dtype and method) across runs in JAX's
+    persistent cache, in the folder $BREADCRUMBS_JAX_CACHE names (opt-in: jax 0.10.2 crashed writing
+    to it from a process with 8 simulated CPU devices). A cache the user configured for JAX is kept."""
+    where = os.environ.get("BREADCRUMBS_JAX_CACHE")
+    if not where or jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", where)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
