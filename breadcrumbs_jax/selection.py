@@ -32,8 +32,9 @@ task vector for `global` granularity); ties are then ordered by part, then by fl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,16 +73,22 @@ def flat_index(shape: Sequence[int], axes: Sequence[int]) -> jax.Array:
 class Part:
     """One array of a group, ranked by magnitude over `axes`: float values, or their int32
     `magnitude_keys`. Float values are best: their keys are then recomputed in each pass over the
-    data instead of being written out once (one full write of the array saved)."""
+    data instead of being written out once. `source` is the array, or a function that computes it
+    (from the merge's inputs): each pass then recomputes it, and it is never held in memory."""
 
-    values: jax.Array
+    source: jax.Array | Callable[[], jax.Array]
     axes: tuple[int, ...]
 
     @property
+    def values(self) -> jax.Array:
+        return self.source() if callable(self.source) else self.source
+
+    @property
     def keys(self) -> jax.Array:
-        if jnp.issubdtype(self.values.dtype, jnp.floating):
-            return magnitude_keys(self.values)
-        return self.values
+        values = self.values
+        if jnp.issubdtype(values.dtype, jnp.floating):
+            return magnitude_keys(values)
+        return values
 
     @property
     def size(self) -> int:
@@ -230,12 +237,13 @@ class _Groups:
         if self.size >= KEY_MAX:
             raise ValueError(f"a group of {self.size} entries does not fit int32 counts")
         self.plans = tuple(_block_plan(p.values.shape, p.axes, devices=jax.device_count() if sharded else 1) for p in parts)
-        # extraction keeps one min/max per block at the coarsest level with enough blocks per group
+        # extraction keeps one min/max per block at the coarsest level with enough blocks per group,
+        # and at least the first (blocks of one entry would make its statistics leaf-sized)
         self.at, self.blocks = [], 0
         for p, plan in zip(parts, self.plans):
             at, r = 0, 1
             for _, f in plan:
-                if p.size // (r * f) < _MIN_BLOCKS:
+                if at and p.size // (r * f) < _MIN_BLOCKS:
                     break
                 at, r = at + 1, r * f
             self.at.append(at)
@@ -593,17 +601,16 @@ def _index_by_count(groups: _Groups, value: jax.Array, j: jax.Array) -> list[jax
     offsets = [0]
     for part in groups.parts[:-1]:
         offsets.append(offsets[-1] + part.size)
-    parts = []
-    for t in range(value.shape[0]):
-        keyed = [
-            jnp.where(p.keys == groups.expand(value, i)[t], p.index + off, KEY_MAX)
-            for i, (p, off) in enumerate(zip(groups.parts, offsets))
-        ]
-        parts.append(keyed)
+
+    def tie_positions(p: Part, i: int, off: int, t: int) -> jax.Array:
+        return jnp.where(p.keys == groups.expand(value, i)[t], p.index + off, KEY_MAX)
+
     out = []
     for t in range(value.shape[0]):  # one search per target: each has its own keys
-        keyed = _Groups([Part(x, p.axes) for x, p in zip(parts[t], groups.parts)], sharded=True)
-        found = _value_search(keyed, j[t][None], 0).lo[0]
+        # recomputed in each pass (never stored): positions of the ties, KEY_MAX elsewhere
+        keyed = [Part(functools.partial(tie_positions, p, i, off, t), p.axes)
+                 for i, (p, off) in enumerate(zip(groups.parts, offsets))]
+        found = _value_search(_Groups(keyed, sharded=True), j[t][None], 0).lo[0]
         out.append([jnp.clip(found - off, 0, p.size) for p, off in zip(groups.parts, offsets)])
     return [jnp.stack([o[i] for o in out]) for i in range(len(groups.parts))]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
@@ -35,14 +36,19 @@ class LeafContext:
 
 @dataclasses.dataclass(frozen=True)
 class LeafState:
-    """tau: [T, ...] float32 task vectors; weights: [T]; delta: the combined [...] update."""
+    """tau: [T, ...] float32 task vectors; weights: [T]; delta: the combined [...] update;
+    recompute: a function that gives `tau` again from the leaf's inputs (None once a step has
+    changed tau), so that passes inside loops read the inputs instead of a stored copy of tau."""
 
     tau: jax.Array
     weights: jax.Array
     delta: jax.Array | None = None
     stats: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    recompute: Callable[[], jax.Array] | None = None
 
     def replace(self, **kw) -> LeafState:
+        if "tau" in kw:
+            kw.setdefault("recompute", None)
         return dataclasses.replace(self, **kw)
 
 
@@ -100,9 +106,13 @@ class MagnitudeBand:
         hi = jnp.asarray([c[0] + c[1] for c in counts], jnp.int32).reshape(shape)
         return tuple(rank_thresholds(parts, [lo, hi]))
 
-    def mask(self, tau: jax.Array, ctx: LeafContext = LeafContext()) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(keep, dropped_low, dropped_high) boolean masks of a [T, ...] task-vector stack."""
-        part = Part(tau, group_axes(tau.ndim, self.granularity, ctx.out_axis))
+    def mask(
+        self, tau: jax.Array | Callable[[], jax.Array], ctx: LeafContext = LeafContext()
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(keep, dropped_low, dropped_high) boolean masks of a [T, ...] task-vector stack, given as
+        an array or as a function that computes it."""
+        ndim = jnp.ndim(tau() if callable(tau) else tau)
+        part = Part(tau, group_axes(ndim, self.granularity, ctx.out_axis))
         if self.granularity == "global":
             if ctx.thresholds is None:
                 raise ValueError("global granularity needs thresholds computed over all leaves")
@@ -114,7 +124,7 @@ class MagnitudeBand:
         return not_high & ~low, low, ~not_high
 
     def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
-        keep, low, high = self.mask(state.tau, ctx)
+        keep, low, high = self.mask(state.recompute or state.tau, ctx)
         stats = _mask_stats(state.tau, keep, low, high)
         return state.replace(tau=jnp.where(keep, state.tau, 0.0), stats={**state.stats, **stats})
 
