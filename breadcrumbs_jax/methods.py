@@ -35,11 +35,7 @@ class Method:
     steps: tuple[Step, ...]
 
     def __call__(self, tau, ctx: LeafContext = LeafContext()) -> LeafState:
-        """Run the chain on a [T, ...] task-vector stack, or on a function that computes it (then
-        selection passes recompute it from the inputs instead of storing it)."""
-        recompute = tau if callable(tau) else None
-        tau = tau() if callable(tau) else tau
-        state = LeafState(tau=tau, weights=jnp.ones((tau.shape[0],), jnp.float32), recompute=recompute)
+        state = LeafState(tau=tau, weights=jnp.ones((tau.shape[0],), jnp.float32))
         for step in self.steps:
             state = step(state, ctx)
         if state.delta is None:
