@@ -283,10 +283,10 @@ jax.tree_util.register_dataclass(_Bracket, data_fields=["lo", "hi", "c_lo", "c_h
 
 def _sample(groups: _Groups, budget: int) -> jax.Array:
     """A sorted strided sample of every group, [*groups.shape, S]: the whole group when all groups
-    together hold at most `budget` entries. Empty when there are several devices: sorting a sample
-    of a sharded array would gather it."""
+    together hold at most `budget` entries. Empty in sharded mode: sorting a sample of a sharded
+    array would gather it."""
     n_groups = math.prod(groups.shape)
-    if jax.device_count() > 1:
+    if groups.sharded:
         return jnp.zeros(groups.shape + (0,), jnp.int32)
     if groups.size * n_groups <= budget:
         per_group = groups.size
@@ -358,6 +358,9 @@ def _interp_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Ar
     p_lo = jnp.where(has, h_lo, jnp.where(linear, p_lo, s_lo))
     p_hi = jnp.where(has, h_hi, jnp.where(linear, p_hi, s_hi))
     expected = jnp.where(has, h_n, jnp.where(linear, expected, share * r))
+    # pivots inside the bracket, in order: then every pass narrows it (or resolves it)
+    p_lo = jnp.clip(p_lo, b.lo, b.hi)
+    p_hi = jnp.clip(p_hi, p_lo, b.hi)
     pin = (p_lo == b.lo) & (p_hi == b.hi)  # counting there would not narrow the bracket
     p_lo, p_hi = jnp.where(pin, center, p_lo), jnp.where(pin, center, p_hi)
     return p_lo, p_hi, jnp.where(pin, 1.0, expected), pin

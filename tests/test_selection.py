@@ -178,3 +178,10 @@ def test_large_group_uses_block_extraction(kind):
     n = 1024 * 1024
     ranks = [n - 149946 - 7340, n - 7340]  # the Breadcrumbs band of beta 0.85, gamma 0.993
     check(x, (1, 2), ranks, (None, False))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_search_always_narrows_its_bracket(mode):
+    """A miss just past a pivot once extrapolated pivots outside the bracket, and the search
+    went back and forth for ever (found by the property test above)."""
+    check(make("zeros", (2, 96, 64), 65535), (2,), [62, 5, 49], mode)
