@@ -21,7 +21,7 @@ from .methods import Method
 from .paths import flatten
 from .plan import LeafPlan, LeafRule, Layout, format_plan, plan_tree
 from .report import LeafReport, MergeReport, leaf_report
-from .selection import Part, Threshold, magnitude_keys, rank_thresholds
+from .selection import Part, Threshold, rank_thresholds, reduce_groups
 from .steps import LeafContext, MagnitudeBand, path_hash
 from .task_vectors import difference
 
@@ -38,39 +38,65 @@ def default_names(n: int) -> tuple[str, ...]:
     return tuple(f"model {t}" for t in range(n))
 
 
-def check_leaf(plan: LeafPlan, base, finetuned: Sequence, names: Sequence[str], base_name: str = "pretrained") -> None:
+def is_stack(finetuned) -> bool:
+    """Whether fine-tuned leaves come as one [T, ...] array rather than a sequence of T arrays."""
+    return isinstance(finetuned, (np.ndarray, jax.Array))
+
+
+def stack_models(finetuned) -> np.ndarray | jax.Array:
+    """The fine-tuned leaves as one [T, ...] array (host arrays stay on the host)."""
+    if is_stack(finetuned):
+        return finetuned
+    finetuned = list(finetuned)
+    if all(isinstance(x, np.ndarray) for x in finetuned):
+        return np.stack(finetuned)
+    return jnp.stack(finetuned)
+
+
+def check_leaf(plan: LeafPlan, base, finetuned, names: Sequence[str], base_name: str = "pretrained") -> None:
     """Shapes and dtypes of one leaf agree with the plan in every model; errors name leaf and model.
 
-    Dtypes compare as JAX holds them (float64 is float32 unless jax_enable_x64 is set)."""
+    `finetuned` is a sequence of T leaves or their [T, ...] stack. Dtypes compare as JAX holds
+    them (float64 is float32 unless jax_enable_x64 is set)."""
     want = jax.dtypes.canonicalize_dtype(plan.dtype)
-    for name, x in zip((base_name, *names), (base, *finetuned)):
-        shape, dtype = tuple(np.shape(x)), str(np.dtype(x.dtype))
+    if is_stack(finetuned):
+        if len(finetuned) != len(names):
+            raise MergeError(f"{len(finetuned)} fine-tuned leaves stacked for {len(names)} models", leaf=plan.path)
+        models = [(n, tuple(finetuned.shape[1:]), finetuned.dtype) for n in names]
+    else:
+        models = [(n, tuple(np.shape(x)), x.dtype) for n, x in zip(names, finetuned)]
+    for name, shape, dtype in [(base_name, tuple(np.shape(base)), base.dtype), *models]:
         if shape != plan.shape:
             raise MergeError(f"shape {shape} differs from the pre-trained {plan.shape}", leaf=plan.path, source=name)
-        if jax.dtypes.canonicalize_dtype(x.dtype) != want:
-            raise MergeError(f"dtype {dtype} differs from the pre-trained {plan.dtype}", leaf=plan.path, source=name)
+        if jax.dtypes.canonicalize_dtype(dtype) != want:
+            raise MergeError(f"dtype {np.dtype(dtype)} differs from the pre-trained {plan.dtype}", leaf=plan.path, source=name)
 
 
-def _stack_tau(base, finetuned) -> jax.Array:
-    return jnp.stack([difference(base, f) for f in finetuned])
+def _stack_tau(base, stacked) -> jax.Array:
+    """[T, ...] float32 task vectors of a [T, ...] stack of fine-tuned leaves: an elementwise
+    expression that XLA fuses into each pass over it, so it is never stored."""
+    return difference(base[None], stacked)
 
 
-def _finite(base, finetuned) -> jax.Array:
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in (base, *finetuned)])
+def _finite(base, stacked) -> jax.Array:
+    """[T + 1] whether the pre-trained leaf, then each fine-tuned one, is free of NaN and Inf."""
+    axes = tuple(range(1, jnp.ndim(stacked)))
+    bad = [reduce_groups([(~jnp.isfinite(x)).astype(jnp.int32)], ["sum"], axes)[0] for x in (base[None], stacked)]
+    return jnp.concatenate(bad) == 0
 
 
 @functools.partial(jax.jit, static_argnames=("method", "out_axis", "out_dtype"))
-def _merge_kernel(base, finetuned, leaf_hash, thresholds, *, method: Method, out_axis, out_dtype):
-    tau = _stack_tau(base, finetuned)
-    state = method(tau, LeafContext(out_axis=out_axis, path_hash=leaf_hash, thresholds=thresholds))
+def _merge_kernel(base, stacked, leaf_hash, thresholds, *, method: Method, out_axis, out_dtype):
+    ctx = LeafContext(out_axis=out_axis, path_hash=leaf_hash, thresholds=thresholds)
+    state = method(lambda: _stack_tau(base, stacked), ctx)
     merged = (base.astype(jnp.float32) + state.delta).astype(out_dtype)
-    return merged, state.stats, _finite(base, finetuned)
+    return merged, state.stats, _finite(base, stacked)
 
 
 @functools.partial(jax.jit, static_argnames=("selector",))
 def _global_kernel(bases, finetuned, *, selector: MagnitudeBand):
-    taus = [_stack_tau(b, f) for b, f in zip(bases, finetuned)]
-    parts = [Part(magnitude_keys(t), tuple(range(1, t.ndim))) for t in taus]
+    taus = [_stack_tau(b, f) for b, f in zip(bases, finetuned)]  # stacks [T, ...] per leaf
+    parts = [Part(t, tuple(range(1, t.ndim))) for t in taus]
     return selector.thresholds(parts, sum(p.size for p in parts))
 
 
@@ -91,7 +117,7 @@ def global_thresholds(plans: Sequence[LeafPlan], load: Loader) -> dict[str, tupl
     out = {}
     for selector, members in groups.items():
         loaded = [load(p) for p in members]
-        lo, hi = _global_kernel([b for b, _ in loaded], [list(f) for _, f in loaded], selector=selector)
+        lo, hi = _global_kernel([b for b, _ in loaded], [stack_models(f) for _, f in loaded], selector=selector)
         for i, p in enumerate(members):
             out[p.path] = (Threshold(lo.value, (lo.index[i],)), Threshold(hi.value, (hi.index[i],)))
     return out
@@ -100,13 +126,16 @@ def global_thresholds(plans: Sequence[LeafPlan], load: Loader) -> dict[str, tupl
 def merge_leaf(
     plan: LeafPlan,
     base,
-    finetuned: Sequence,
+    finetuned: Sequence | np.ndarray | jax.Array,
     *,
     names: Sequence[str] | None = None,
     out_dtype=None,
     thresholds: tuple[Threshold, Threshold] | None = None,
 ) -> tuple[jax.Array, LeafReport]:
-    """Merge one leaf as its plan says; returns the merged leaf and its report."""
+    """Merge one leaf as its plan says; returns the merged leaf and its report.
+
+    `finetuned`: the T fine-tuned leaves, as a sequence or as one [T, ...] stack (what the
+    kernel takes: a stack keeps the task vectors an expression XLA never stores)."""
     names = tuple(names) if names is not None else default_names(len(finetuned))
     check_leaf(plan, base, finetuned, names)
     if plan.action != "merge":  # kept as given (no device copy, no x64 truncation); 'base' takes out_dtype
@@ -114,7 +143,7 @@ def merge_leaf(
         return out, leaf_report(plan, None, len(finetuned))
     dtype = jax.dtypes.canonicalize_dtype(out_dtype if out_dtype is not None else plan.dtype)
     merged, stats, finite = _merge_kernel(
-        base, list(finetuned), jnp.uint32(path_hash(plan.path)), thresholds,
+        base, stack_models(finetuned), jnp.uint32(path_hash(plan.path)), thresholds,
         method=plan.method, out_axis=plan.out_axis, out_dtype=dtype,
     )
     _raise_not_finite(plan, finite, names)
@@ -129,7 +158,8 @@ def merge_leaves(
     out_dtype=None,
     progress: bool = False,
 ) -> Iterator[tuple[LeafPlan, jax.Array, LeafReport]]:
-    """Merge leaf after leaf: `load(plan)` gives (pre-trained leaf, fine-tuned leaves); yields
+    """Merge leaf after leaf: `load(plan)` gives (pre-trained leaf, fine-tuned leaves as a
+    sequence or a [T, ...] stack); yields
     (plan, merged leaf, report). Holds one leaf of each model at a time (plus all leaves with
     `global` granularity, whose thresholds need them together)."""
     thresholds = global_thresholds(plans, load)

@@ -35,7 +35,11 @@ class Method:
     steps: tuple[Step, ...]
 
     def __call__(self, tau, ctx: LeafContext = LeafContext()) -> LeafState:
-        state = LeafState(tau=tau, weights=jnp.ones((tau.shape[0],), jnp.float32))
+        """Run the chain on a [T, ...] task-vector stack, or on a function that computes it (then
+        selection passes recompute it from the inputs instead of storing it)."""
+        recompute = tau if callable(tau) else None
+        tau = tau() if callable(tau) else tau
+        state = LeafState(tau=tau, weights=jnp.ones((tau.shape[0],), jnp.float32), recompute=recompute)
         for step in self.steps:
             state = step(state, ctx)
         if state.delta is None:

@@ -1,35 +1,62 @@
-"""Exact rank selection of |x| within groups, by counting passes: no sort, no gather.
+"""Exact rank selection of |x| within groups in a few counting passes: no sort of the data, no gather.
 
-An entry's rank in its group is its position when the group is sorted by magnitude, ties
-broken by flat index (SPEC.md). The entry of rank k is found as a composite threshold
-(value, index): an entry ranks below k exactly when ``key < value`` or
-``key == value and index < index_threshold``. Both parts are found by bisection, each step
-one counting pass; the index bisection runs only when a group's target falls strictly inside
-a run of equal keys (with continuous data it seldom does). Counts are plain reductions over the group's axes, so under jit with a
-sharded input they compile to local counts plus a tiny all-reduce, never a gather.
+An entry's rank in its group is its position when the group is sorted by magnitude, ties broken
+by flat index (SPEC.md). The entry of rank k is described by a composite threshold (value, index):
+an entry ranks below k exactly when ``key < value``, or ``key == value and index < index_threshold``.
+Keys are the float32 bits of |x| as int32 (they sort like |x|), recomputed in every pass.
 
-A group may span several arrays ("parts", e.g. all leaves of a task vector for `global`
-granularity); ties are then ordered by part, then by flat index inside the part.
+Value. Each target rank k keeps a bracket [lo, hi] of keys that holds its value, with exact counts
+of the entries below lo and up to hi. A pass counts, for two pivots per target, the entries below
+each; all targets share one int32 word per entry (8-bit lanes); the bracket shrinks to the side the
+target falls on. Pivots: first from a sorted strided sample of each group (the sample is sorted,
+never the data); then by interpolating the target's rank inside the bracket (the sample decides
+where keys cluster, as runs of ties do; a miss is followed by pivots bracketing the chord and
+tangent estimates). When a bracket holds few entries (or few distinct keys), the pass also keeps,
+per target and block of about 1024 entries, the number, min and max of its candidates: unless a
+block holds three distinct candidates these are all of them and give the value at once; otherwise
+they bound it, and the next pivots split those bounds.
+
+Index. Only when the target lies strictly inside a run of equal keys is the index threshold needed.
+It is found by position: a pass counts the tied entries along the first group axis, a running sum of
+these few counts picks the line that holds the target, the next pass does the same inside that line.
+
+Every pass is a reduction over the group's axes (variadic, in blocks of 32 along one axis, then the
+rest: XLA:CPU compiles a reduction fused with elementwise work over many axes to a loop several times
+slower than a pass). In `sharded` mode (the default when JAX sees several devices) every
+data-dependent step is a local reduction plus a small all-reduce: the block counts divide by the
+device count, there is no sample, and the index threshold is found by the same counting search on
+the positions of the tied entries. A group may span several arrays ("parts", e.g. all leaves of a
+task vector for `global` granularity); ties are then ordered by part, then by flat index in the part.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-KEY_LIMIT = 1 << 31  # greater than the key of every finite magnitude
-_VALUE_STEPS = 32  # bisection over [0, KEY_LIMIT]
+KEY_MAX = 0x7FFFFFFF  # the largest key (a NaN with every bit set); +inf is 0x7F800000
+_BLOCK = 32  # entries per block and level of the blocked reductions
+_SAMPLE_BUDGET = 1 << 18  # sampled keys per call (all groups together) ...
+_SAMPLE_SHARE = 128  # ... and at most one in this many entries
+_SAMPLE_MAX = 1 << 16  # ... and per group
+_MARGIN = 1.25  # half-width of an interpolated bracket, in sqrt(entries in the bracket)
+_MIN_BLOCKS = 64  # extraction blocks per group at least (finer blocks for smaller groups)
+_FEW = 0.1  # extract when a bracket holds at most this many entries per block
+_BIAS = 0.003  # extra half-width of an interpolated bracket, as a share of its entries (curvature)
+_BIG = 2.0**30
+_SPREAD = 2.5  # half-width of a sampled bracket, in standard deviations of the sample's rank
 
 
 def magnitude_keys(x: jax.Array) -> jax.Array:
-    """uint32 keys that sort like |x| (float32 bits with the sign cleared; -0 == +0)."""
-    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    return bits & jnp.uint32(0x7FFFFFFF)
+    """int32 keys that sort like |x| (float32 bits with the sign cleared; -0 == +0)."""
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return bits & jnp.int32(KEY_MAX)
 
 
 def flat_index(shape: Sequence[int], axes: Sequence[int]) -> jax.Array:
@@ -44,18 +71,32 @@ def flat_index(shape: Sequence[int], axes: Sequence[int]) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-    """One array of a group: its magnitude keys and the axes its group is ranked over."""
+    """One array of a group, ranked by magnitude over `axes`: float values, or their int32
+    `magnitude_keys`. Float values are best: their keys are then recomputed in each pass over the
+    data instead of being written out once. `source` is the array, or a function that computes it
+    (from the merge's inputs): each pass then recomputes it, and it is never held in memory."""
 
-    keys: jax.Array
+    source: jax.Array | Callable[[], jax.Array]
     axes: tuple[int, ...]
 
     @property
+    def values(self) -> jax.Array:
+        return self.source() if callable(self.source) else self.source
+
+    @property
+    def keys(self) -> jax.Array:
+        values = self.values
+        if jnp.issubdtype(values.dtype, jnp.floating):
+            return magnitude_keys(values)
+        return values
+
+    @property
     def size(self) -> int:
-        return math.prod(self.keys.shape[a] for a in self.axes)
+        return math.prod(self.values.shape[a] for a in self.axes)
 
     @property
     def index(self) -> jax.Array:
-        return flat_index(self.keys.shape, self.axes)
+        return flat_index(self.values.shape, self.axes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,70 +114,529 @@ def _expand(g: jax.Array, ndim: int) -> jax.Array:
     return g.reshape(g.shape + (1,) * (ndim - g.ndim))
 
 
-def _count(part: Part, pred: jax.Array, multi: bool) -> jax.Array:
-    c = jnp.sum(pred, axis=part.axes, keepdims=True, dtype=jnp.int32)
-    return c.reshape(c.shape[:1]) if multi else c
-
-
 def below(part: Part, thr: Threshold, p: int = 0) -> jax.Array:
     """Entries of `part` whose rank is below the threshold's rank."""
-    nd = part.keys.ndim
-    value, index = _expand(thr.value, nd), _expand(thr.index[p], nd)
-    return (part.keys < value) | ((part.keys == value) & (part.index < index))
+    keys = part.keys
+    value, index = _expand(thr.value, keys.ndim), _expand(thr.index[p], keys.ndim)
+    return (keys < value) | ((keys == value) & (part.index < index))
 
 
-def rank_thresholds(parts: Sequence[Part], ranks: Sequence[int | jax.Array]) -> list[Threshold]:
+# ---------------------------------------------------------------- blocked reductions over group axes
+
+
+def _block_plan(shape: Sequence[int], axes: Sequence[int], levels: int = 2, devices: int = 1) -> tuple[tuple[int, int], ...]:
+    """Up to `levels` block reductions (axis, factor) over group axes: the largest factor <= 32 that
+    divides an axis into a number of blocks that `devices` divides (so that, sharded over any of
+    them, an axis splits into whole blocks on each device), preferring an axis that is not the
+    minor one."""
+    plan, shape = [], list(shape)
+    for _ in range(levels):
+        options = []
+        for a in axes:
+            r = next((r for r in range(_BLOCK, 3, -1) if shape[a] % r == 0 and shape[a] // r % devices == 0), None)
+            if r is not None:
+                options.append((r, a != len(shape) - 1, shape[a], a))
+        if not options:
+            break
+        r, _, _, a = max(options)
+        plan.append((a, r))
+        shape[a] //= r
+    return tuple(plan)
+
+
+_OP = {"sum": lax.add, "min": lax.min, "max": lax.max}
+
+
+def _init(kind: str, dtype) -> jax.Array:
+    if kind == "sum":
+        return jnp.zeros((), dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.asarray(jnp.inf if kind == "min" else -jnp.inf, dtype)
+    info = jnp.iinfo(dtype)
+    return jnp.asarray(info.max if kind == "min" else info.min, dtype)
+
+
+def _reduce_blocks(arrays: Sequence[jax.Array], kinds: Sequence[str], block: tuple[int, int]) -> list[jax.Array]:
+    """One variadic reduction of blocks of `r` entries along `axis`: the arrays are read in one pass.
+
+    The optimization barrier keeps XLA from merging consecutive reductions into one over several
+    axes, which XLA:CPU compiles to a slow loop."""
+    axis, r = block
+    split = [x.reshape(x.shape[:axis] + (x.shape[axis] // r, r) + x.shape[axis + 1 :]) for x in arrays]
+
+    def combine(a, b):
+        return tuple(_OP[k](x, y) for k, x, y in zip(kinds, a, b))
+
+    init = tuple(_init(k, x.dtype) for k, x in zip(kinds, arrays))
+    return list(lax.optimization_barrier(tuple(lax.reduce(tuple(split), init, combine, (axis + 1,)))))
+
+
+def reduce_groups(arrays: Sequence[jax.Array], kinds: Sequence[str], axes: Sequence[int]) -> list[jax.Array]:
+    """Sum, min or max (`kinds`) of each array over `axes`, all in one pass over the data.
+
+    The same as jnp.sum/min/max(x, axis=axes), but in blocks of 32 along one axis first: XLA:CPU
+    compiles a reduction fused with elementwise work over a large array to a loop several times
+    slower than one pass over it. Sharded inputs reduce locally, then all-reduce."""
+    arrays = list(arrays)
+    for block in _block_plan(arrays[0].shape, axes, devices=jax.device_count()):
+        arrays = _reduce_blocks(arrays, kinds, block)
+    fn = {"sum": jnp.sum, "min": jnp.min, "max": jnp.max}
+    return [fn[k](x, axis=tuple(axes)) for k, x in zip(kinds, arrays)]
+
+
+def _pack(lanes: Sequence[jax.Array], bits: int) -> list[jax.Array]:
+    per = 32 // bits
+    return [
+        sum(lane << (bits * i) for i, lane in enumerate(lanes[j : j + per]))
+        for j in range(0, len(lanes), per)
+    ]
+
+
+def _unpack(words: Sequence[jax.Array], bits: int, n: int) -> list[jax.Array]:
+    per, mask = 32 // bits, (1 << bits) - 1
+    return [(w >> (bits * i)) & mask for w in words for i in range(per)][:n]
+
+
+def _blocked(lanes: Sequence[jax.Array], extras: Sequence[tuple[jax.Array, str]], plan, at: int):
+    """Block sums of 0/1 `lanes` (packed 4 to an int32 word, 8 bits a lane, then 16) and block
+    min/max of `extras`. Returns the lanes at the coarsest level of `plan`, and lanes and extras
+    after the first `at` levels (`extras` are reduced no further)."""
+    n, bits = len(lanes), 8
+    words = _pack([lane.astype(jnp.int32) for lane in lanes], bits)
+    rest = [x for x, _ in extras]
+    fine = (_unpack(words, bits, n), rest)
+    for level, block in enumerate(plan):
+        if level == 1:  # lanes hold up to 32 now: widen them before they can pass 255
+            words, bits = _pack(_unpack(words, bits, n), 16), 16
+        kinds = ["sum"] * len(words) + ([k for _, k in extras] if level < at else [])
+        out = _reduce_blocks(words + (rest if level < at else []), kinds, block)
+        words, rest = out[: len(words)], out[len(words) :] if level < at else rest
+        if level + 1 == at:
+            fine = (_unpack(words, bits, n), rest)
+    return _unpack(words, bits, n), fine
+
+
+class _Groups:
+    """The groups of a call and how arrays of one value per group and target meet each part.
+
+    Per-group values of all targets are stacked: [targets, *shape]."""
+
+    def __init__(self, parts: Sequence[Part], sharded: bool):
+        self.parts = tuple(parts)
+        self.sharded = sharded
+        self.multi = len(parts) > 1
+        if self.multi:
+            for p in parts:
+                if tuple(p.axes) != tuple(range(1, p.values.ndim)):
+                    raise ValueError("with several parts, each part is ranked over all axes but the first")
+            self.shape = (parts[0].values.shape[0],)
+        else:
+            p = parts[0]
+            self.shape = tuple(1 if a in p.axes else d for a, d in enumerate(p.values.shape))
+        self.size = sum(p.size for p in parts)
+        if self.size >= KEY_MAX:
+            raise ValueError(f"a group of {self.size} entries does not fit int32 counts")
+        self.plans = tuple(_block_plan(p.values.shape, p.axes, devices=jax.device_count() if sharded else 1) for p in parts)
+        # extraction keeps one min/max per block at the coarsest level with enough blocks per group,
+        # and at least the first (blocks of one entry would make its statistics leaf-sized)
+        self.at, self.blocks = [], 0
+        for p, plan in zip(parts, self.plans):
+            at, r = 0, 1
+            for _, f in plan:
+                if at and p.size // (r * f) < _MIN_BLOCKS:
+                    break
+                at, r = at + 1, r * f
+            self.at.append(at)
+            self.blocks += p.size // r
+
+    def expand(self, g: jax.Array, p: int, lead: int = 1) -> jax.Array:
+        """[*lead, *shape] values against part p's arrays with `lead` extra leading axes."""
+        return g.reshape(g.shape + (1,) * (self.parts[p].values.ndim + lead - g.ndim))
+
+    def total(self, x: jax.Array, p: int, lead: int = 1) -> jax.Array:
+        """Sum an array of part p (blocked or not; `lead` extra leading axes) over its group axes."""
+        axes = tuple(a + lead for a in self.parts[p].axes)
+        return jnp.sum(x, axis=axes, keepdims=True).reshape(x.shape[:lead] + self.shape)
+
+
+# ---------------------------------------------------------------- the value of each target rank
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bracket:
+    """Keys [lo, hi] hold each target's value; c_lo entries lie below lo, c_hi up to hi. `hint`:
+    (has one, lo, hi, expected entries between) pivots for the next pass, from a miss or an
+    extraction. Every field is [targets, *groups]."""
+
+    lo: jax.Array
+    hi: jax.Array
+    c_lo: jax.Array
+    c_hi: jax.Array
+    hint: tuple[jax.Array, jax.Array, jax.Array, jax.Array]
+
+    def replace(self, **kw) -> _Bracket:
+        return dataclasses.replace(self, **kw)
+
+
+jax.tree_util.register_dataclass(_Bracket, data_fields=["lo", "hi", "c_lo", "c_hi", "hint"], meta_fields=[])
+
+
+def _sample(groups: _Groups, budget: int) -> jax.Array:
+    """A sorted strided sample of every group, [*groups.shape, S]: the whole group when all groups
+    together hold at most `budget` entries. Empty in sharded mode: sorting a sample of a sharded
+    array would gather it."""
+    n_groups = math.prod(groups.shape)
+    if groups.sharded:
+        return jnp.zeros(groups.shape + (0,), jnp.int32)
+    if groups.size * n_groups <= budget:
+        per_group = groups.size
+    else:
+        per_group = max(64, min(_SAMPLE_MAX, min(budget, groups.size * n_groups // _SAMPLE_SHARE) // n_groups))
+    pieces = []
+    for part in groups.parts:
+        shape, axes = part.values.shape, sorted(part.axes)
+        factor = groups.size / per_group  # one entry in `factor` of every part
+        slices = [slice(None)] * len(shape)
+        for i, a in enumerate(sorted(axes, key=lambda a: shape[a])):
+            step = max(1, min(shape[a], round(factor ** (1 / (len(axes) - i)))))
+            step |= 1 if step > 1 else 0  # odd strides do not alias with power-of-two structure
+            factor /= step
+            slices[a] = slice(step // 2, None, step)
+        s = Part(part.values[tuple(slices)], ()).keys
+        s = jnp.moveaxis(s, axes, list(range(s.ndim - len(axes), s.ndim)))
+        s = s.reshape(s.shape[: s.ndim - len(axes)] + (-1,))
+        pieces.append(s if groups.multi else s.reshape(groups.shape + (-1,)))
+    return jnp.sort(jnp.concatenate(pieces, axis=-1), axis=-1)
+
+
+def _sample_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sample keys that bracket rank k inside [lo, hi], where the rank of the target among the sample
+    points in [lo, hi] is expected +- 2.5 standard deviations; the bracket's own end where the sample
+    runs out. Also the share of the bracket's entries expected between them."""
+    s = sample.shape[-1]
+    if s == 0:
+        return b.lo, b.hi, jnp.ones(k.shape, jnp.float32)
+    sample = jnp.broadcast_to(sample, k.shape + (s,))
+    first = jnp.sum(sample < b.lo[..., None], axis=-1, dtype=jnp.int32)
+    m = jnp.sum(sample <= b.hi[..., None], axis=-1, dtype=jnp.int32) - first
+    f = ((k - b.c_lo).astype(jnp.float32) + 0.5) / jnp.maximum(b.c_hi - b.c_lo, 1).astype(jnp.float32)
+    pos = first + f * m - 0.5
+    sd = jnp.sqrt(m * f * (1 - f))
+    pick = lambda i: jnp.take_along_axis(sample, jnp.clip(i, 0, s - 1)[..., None], axis=-1)[..., 0]  # noqa: E731
+    i_lo, i_hi = jnp.floor(pos - _SPREAD * sd - 1).astype(jnp.int32), jnp.ceil(pos + _SPREAD * sd + 1).astype(jnp.int32)
+    share = (jnp.minimum(i_hi, first + m) - jnp.maximum(i_lo, first) + 1) / jnp.maximum(m, 1)
+    s_lo = jnp.where(i_lo < first, b.lo, pick(i_lo))
+    s_hi = jnp.where(i_hi >= first + m, b.hi, pick(i_hi))
+    # a run of equal keys as wide as one standard deviation either side: it likely holds the target
+    j_lo, j_hi = jnp.floor(pos - sd).astype(jnp.int32), jnp.ceil(pos + sd).astype(jnp.int32)
+    run = (j_lo >= first) & (j_hi < first + m) & (m >= 8) & (pick(j_lo) == pick(j_hi))
+    share = jnp.where(run, (j_hi - j_lo + 1) / jnp.maximum(m, 1), share)
+    return jnp.where(run, pick(j_lo), s_lo), jnp.where(run, pick(j_lo), s_hi), share
+
+
+def _interp_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ...]:
+    """Pivots for the next pass: the hint if there is one; else around the key where rank k is
+    expected if the keys in [lo, hi] were evenly spread, when that agrees with the sample (it does
+    not where keys cluster, as runs of ties do), and the sample's bracket when not. Also the
+    expected number of entries between them, and whether the bracket could not be narrowed."""
+    r = jnp.maximum(b.c_hi - b.c_lo, 1).astype(jnp.float32)
+    width = (b.hi - b.lo).astype(jnp.float32) + 1.0
+    off = jnp.floor(((k - b.c_lo).astype(jnp.float32) + 0.5) / r * width)
+    center = b.lo + jnp.clip(off, 0.0, jnp.minimum(width - 1, _BIG)).astype(jnp.int32)
+    m = _MARGIN * jnp.sqrt(r) + _BIAS * r + 1.0
+    mk = jnp.minimum(jnp.ceil(m / r * width), _BIG).astype(jnp.int32)
+    p_lo = jnp.where(center - b.lo <= mk, b.lo, center - mk)
+    p_hi = jnp.where(b.hi - center <= mk, b.hi, center + mk)
+    expected = jnp.minimum(r, 2 * m + 1)
+    s_lo, s_hi, share = _sample_pivots(sample, b, k)
+    inside = lambda lo, hi: jnp.sum((sample >= lo[..., None]) & (sample <= hi[..., None]), axis=-1)  # noqa: E731
+    m_s = inside(b.lo, b.hi).astype(jnp.float32)
+    seen, due = inside(p_lo, p_hi).astype(jnp.float32), m_s * expected / r
+    agree = (s_lo <= p_lo) & (p_hi <= s_hi) & ((due < 8) | (seen * 4 > due)) & (s_lo < s_hi)
+    linear = agree | ((s_lo == b.lo) & (s_hi == b.hi))  # or the sample is no help
+    has, h_lo, h_hi, h_n = b.hint
+    p_lo = jnp.where(has, h_lo, jnp.where(linear, p_lo, s_lo))
+    p_hi = jnp.where(has, h_hi, jnp.where(linear, p_hi, s_hi))
+    expected = jnp.where(has, h_n, jnp.where(linear, expected, share * r))
+    # pivots inside the bracket, in order: then every pass narrows it (or resolves it)
+    p_lo = jnp.clip(p_lo, b.lo, b.hi)
+    p_hi = jnp.clip(p_hi, p_lo, b.hi)
+    pin = (p_lo == b.lo) & (p_hi == b.hi)  # counting there would not narrow the bracket
+    p_lo, p_hi = jnp.where(pin, center, p_lo), jnp.where(pin, center, p_hi)
+    return p_lo, p_hi, jnp.where(pin, 1.0, expected), pin
+
+
+def _update(b: _Bracket, k, p_lo, p_hi, c_below, c_upto) -> _Bracket:
+    """The part of [lo, hi] that holds rank k, given the counts below p_lo and up to p_hi. After a
+    miss, hint pivots extrapolated from the density of entries between the pivots."""
+    fixed = b.lo == b.hi  # resolved (or k == 0 or k == n): keep
+    low, high = ~fixed & (k < c_below), ~fixed & (k >= c_upto)
+    inner = ~fixed & ~low & ~high
+    lo = jnp.where(low | fixed, b.lo, jnp.where(high, p_hi + 1, p_lo))
+    hi = jnp.where(high | fixed, b.hi, jnp.where(low, p_lo - 1, p_hi))
+    c_lo = jnp.where(high, c_upto, jnp.where(inner, c_below, b.c_lo))
+    c_hi = jnp.where(low, c_below, jnp.where(inner, c_upto, b.c_hi))
+    # After a miss the target lies d entries beyond the pivot it missed. Two estimates of its key:
+    # the tangent (the density between the pivots) and the chord (the density across the new
+    # bracket); where the density is monotone they lie on either side of it.
+    d = jnp.where(low, c_below - k, k - c_upto + 1).astype(jnp.float32)
+    near = (c_upto - c_below).astype(jnp.float32) / ((p_hi - p_lo).astype(jnp.float32) + 1.0)
+    across = (c_hi - c_lo).astype(jnp.float32) / ((hi - lo).astype(jnp.float32) + 1.0)
+    m = _MARGIN * jnp.sqrt(d) + 2.0  # sampling noise, in entries
+    reach = [jnp.minimum(jnp.ceil(x / jnp.maximum(rho, 1e-30)), _BIG).astype(jnp.int32)
+             for x, rho in ((d - m, jnp.maximum(near, across)), (d + m, jnp.minimum(near, across)))]
+    h_lo = jnp.where(low, jnp.maximum(p_lo - reach[1], lo), jnp.minimum(p_hi + reach[0], hi))
+    h_hi = jnp.where(low, jnp.maximum(p_lo - reach[0], lo), jnp.minimum(p_hi + reach[1], hi))
+    expected = (d + m) / jnp.maximum(jnp.minimum(near, across), 1e-30) * across  # entries in [h_lo, h_hi], about
+    # with no entries between the pivots the keys are sparse (few distinct values): extract it all
+    guess = c_upto - c_below >= 2
+    hint = (low | high, jnp.where(guess, h_lo, lo), jnp.where(guess, h_hi, hi), jnp.where(guess, expected, 0.0))
+    hint = hint[:3] + (jnp.zeros_like(expected),)
+    return _Bracket(lo, hi, c_lo, c_hi, hint)
+
+
+def _value_pass(groups: _Groups, p_lo: jax.Array, p_hi: jax.Array, extract: bool):
+    """Count the entries below each target's pivots ([key < lo'], [key <= hi']); with `extract`, also
+    per target and block the number, min and max of the candidates (lo' <= key <= hi')."""
+    n_t = p_lo.shape[0]
+    below, upto, stats = 0, 0, []
+    for p, (part, plan) in enumerate(zip(groups.parts, groups.plans)):
+        keys = part.keys
+        lo, hi = groups.expand(p_lo, p), groups.expand(p_hi, p)
+        lanes = [x for t in range(n_t) for x in (keys < lo[t], keys <= hi[t])]
+        extras = []
+        if extract:
+            for t in range(n_t):
+                cand = (keys >= lo[t]) & (keys <= hi[t])
+                extras += [(jnp.where(cand, keys, KEY_MAX), "min"), (jnp.where(cand, keys, -1), "max")]
+        lanes, (fine, extras) = _blocked(lanes, extras, plan, groups.at[p] if extract else 0)
+        below = below + groups.total(jnp.stack(lanes[0::2]), p)
+        upto = upto + groups.total(jnp.stack(lanes[1::2]), p)
+        if extract:
+            stats.append((jnp.stack(extras[0::2]), jnp.stack(extras[1::2]), jnp.stack(fine[1::2]) - jnp.stack(fine[0::2])))
+    return below, upto, stats
+
+
+def _select_extracted(groups: _Groups, stats, j: jax.Array, lo: jax.Array, hi: jax.Array):
+    """From each target's per-block number, min and max of its candidates in [lo, hi]: keys
+    a <= m <= b, the target's j-th smallest candidate (0-based) lies in [a, b] and about as often on
+    either side of m; the candidates below and up to a. `complete` (then a == b and the counts are
+    exact) unless some block held more of the target's candidates than its min and max."""
+    weights, incomplete = [], 0
+    for p, (mn, mx, c) in enumerate(stats):
+        same = mn == mx
+        w_mn = jnp.where(same, c, jnp.minimum(c, 1))
+        w_mx = jnp.where(same, 0, jnp.minimum(c, 2) - jnp.minimum(c, 1))
+        middle = c - w_mn - w_mx  # candidates strictly between min and max, unseen
+        weights.append((mn, mx, w_mn, w_mx, middle, mn, mx))
+        incomplete = incomplete + groups.total((middle > 0).astype(jnp.int32), p)
+
+    def upto(u):  # [3, targets, *groups]: candidates <= u counting the unseen as low as they may
+        # lie (an upper bound), as high (a lower bound), and both (their sum, twice the midpoint)
+        up, down = 0, 0
+        for p, (mn, mx, w_mn, w_mx, middle, first, last) in enumerate(weights):
+            ue = groups.expand(u, p, 2)
+            seen = jnp.where(mn <= ue, w_mn, 0) + jnp.where(mx <= ue, w_mx, 0)
+            up = up + groups.total(seen + jnp.where(first <= ue, middle, 0), p, 2)
+            down = down + groups.total(seen + jnp.where(last <= ue, middle, 0), p, 2)
+        return jnp.stack([up[0], down[1], up[2] + down[2]])
+
+    target = jnp.stack([j, j, 2 * j + 1])
+
+    def step(s):
+        a, b, c_a, c_b = s  # c_a: candidates < a, c_b: candidates <= b
+        mid = a + (b - a) // 2
+        c = upto(mid)
+        ok = (c > target) | (a == b)
+        return jnp.where(ok, a, mid + 1), jnp.where(ok, mid, b), jnp.where(ok, c_a, c), jnp.where(ok & (a < b), c, c_b)
+
+    total = sum(groups.total(c, p) for p, (_, _, c) in enumerate(stats))
+    start = (jnp.stack([lo] * 3), jnp.stack([hi] * 3), jnp.zeros((3, *j.shape), jnp.int32), jnp.stack([total] * 3))
+    a, _, c_a, c_b = lax.while_loop(lambda s: jnp.any(s[0] < s[1]), step, start)
+    return a[0], a[2], a[1], c_a[0], c_b[0], incomplete == 0  # the counts are exact when complete
+
+
+def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
+    """Brackets [v, v] of the value of each target rank k ([targets, *groups]), with exact counts
+    below and up to v."""
+    n = groups.size
+    no = jnp.zeros(k.shape, bool)
+    zero = jnp.zeros(k.shape, jnp.int32)
+    # k == 0: nothing below (value 0, index 0); k == n: everything below (index = size)
+    open_, edge = (k > 0) & (k < n), jnp.where(k == 0, 0, KEY_MAX)
+    start = _Bracket(
+        jnp.where(open_, 0, edge), jnp.where(open_, KEY_MAX, edge),
+        jnp.where(open_, 0, k), jnp.where(open_, n, k), (no, zero, zero, zero.astype(jnp.float32)),
+    )
+
+    # the first pass takes its pivots from the sample, later ones interpolate; extract once every
+    # open bracket holds (or is expected to hold) few entries
+    sample = _sample(groups, budget)
+    if sample.shape[-1] == n:  # the sample is the group: its k-th key is the value
+        v = jnp.take_along_axis(jnp.broadcast_to(sample, k.shape + (n,)), jnp.minimum(k, n - 1)[..., None], axis=-1)[..., 0]
+        s_lo = s_hi = v
+    else:
+        s_lo, s_hi, _ = _sample_pivots(sample, start, k)
+    start = start.replace(hint=(open_, s_lo, s_hi, jnp.full(k.shape, jnp.inf)))
+    few = n if not any(groups.at) else max(2.0, _FEW * groups.blocks)  # blocks of one entry are always complete
+
+    def body(b: _Bracket) -> _Bracket:
+        p_lo, p_hi, expected, pin = _interp_pivots(sample, b, k)
+        # extract the whole bracket when it holds few entries or few keys (runs of ties are always
+        # complete) or cannot be narrowed; extracting costs more than counting, but not much: do it
+        # as soon as one bracket is ready
+        whole = (((b.c_hi - b.c_lo <= few) | (b.hi - b.lo < 2)) & ~b.hint[0]) | pin
+        ready = whole | (expected <= few)
+        extract = jnp.any((b.lo < b.hi) & ready)
+        p_lo, p_hi = jnp.where(whole & extract, b.lo, p_lo), jnp.where(whole & extract, b.hi, p_hi)
+
+        def count_only(_):
+            below, upto, _ = _value_pass(groups, p_lo, p_hi, extract=False)
+            return below, upto, (p_lo, p_lo, p_lo, below, below, jnp.zeros(k.shape, bool))
+
+        def with_extraction(_):
+            below, upto, stats = _value_pass(groups, p_lo, p_hi, extract=True)
+            return below, upto, _select_extracted(groups, stats, k - below, p_lo, p_hi)
+
+        below, upto, (a, m, z, c_lt, c_le, complete) = lax.cond(extract, with_extraction, count_only, None)
+        nb = _update(b, k, p_lo, p_hi, below, upto)
+        inside = ~nb.hint[0] & (nb.lo < nb.hi)
+        done = inside & complete
+        # next pivots from the extraction's bounds: [a, m] (the target lies in it or above m, about
+        # as likely); if that is the whole bracket, its midpoint
+        refine = inside & extract & ready & ~complete
+        m = jnp.minimum(m, z)
+        whole_again = (a == nb.lo) & (m >= nb.hi)
+        mid = nb.lo + (nb.hi - nb.lo) // 2
+        h_lo, h_hi = jnp.where(whole_again, mid, a), jnp.where(whole_again, mid, m)
+        return nb.replace(
+            lo=jnp.where(done, a, nb.lo), hi=jnp.where(done, a, nb.hi),
+            c_lo=jnp.where(done, below + c_lt, nb.c_lo), c_hi=jnp.where(done, below + c_le, nb.c_hi),
+            hint=tuple(jnp.where(refine, x, y) for x, y in zip((refine, h_lo, h_hi, jnp.zeros(k.shape)), nb.hint)),
+        )
+
+    return lax.while_loop(lambda b: jnp.any(b.lo < b.hi), body, start)
+
+
+# ---------------------------------------------------------------- the index threshold inside a run of ties
+
+
+def _lines(part: Part) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The part's shape for positional search, and its group axes there: a single group axis is split
+    in two near its square root, so that no running sum spans a whole group."""
+    shape, axes = tuple(part.values.shape), tuple(sorted(part.axes))
+    if len(axes) != 1 or shape[axes[0]] < 64:
+        return shape, axes
+    a, d = axes[0], shape[axes[0]]
+    inner = max(b for b in range(1, math.isqrt(d) + 1) if d % b == 0)
+    if inner == 1:
+        return shape, axes
+    return shape[:a] + (d // inner, inner) + shape[a + 1 :], (a, a + 1)
+
+
+def _in_view(g: jax.Array, shape: Sequence[int], axes: Sequence[int]) -> jax.Array:
+    """[targets, *groups] values against a part viewed as `shape` with group `axes` (plus targets)."""
+    return g.reshape(g.shape[:1] + tuple(1 if a in axes else d for a, d in enumerate(shape)))
+
+
+def _count_along(groups: _Groups, mask: jax.Array, axes: Sequence[int], axis: int | None) -> jax.Array:
+    """Counts of a [targets, *view] mask at each position along view `axis`, summed over the other
+    group `axes`: [targets, *groups, d] (d = 1 when the part has no group axis)."""
+    others = [a + 1 for a in axes if a != axis]
+    x = mask.astype(jnp.int32)
+    for block in _block_plan(x.shape, others, levels=1, devices=jax.device_count() if groups.sharded else 1):
+        x = _reduce_blocks([x], ["sum"], block)[0]
+    c = jnp.sum(x, axis=tuple(others), keepdims=True)
+    c = c[..., None] if axis is None else jnp.moveaxis(c, axis + 1, -1)
+    return c.reshape(c.shape[:1] + groups.shape + (c.shape[-1],))
+
+
+def _locate(counts: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Position along the last axis of the j-th counted entry (0-based), and the count before it."""
+    run = jnp.cumsum(counts, axis=-1)
+    before = run <= j[..., None]
+    return jnp.sum(before, axis=-1, dtype=jnp.int32), jnp.sum(jnp.where(before, counts, 0), axis=-1)
+
+
+def _index_search(groups: _Groups, value: jax.Array, j: jax.Array) -> list[jax.Array]:
+    """Index threshold per part of each target ([targets, *groups] each): the position (ties ordered
+    by part, then by flat index) before which exactly j entries equal the value. One pass per group
+    axis; the first also picks the part."""
+    views = [_lines(p) for p in groups.parts]
+    ties = [p.keys.reshape(shape)[None] == _in_view(value, shape, axes) for p, (shape, axes) in zip(groups.parts, views)]
+
+    firsts = [_count_along(groups, t, axes, axes[0] if axes else None) for t, (_, axes) in zip(ties, views)]
+    starts = [0]
+    for f in firsts:
+        starts.append(starts[-1] + f.shape[-1])
+    x, base = _locate(jnp.concatenate(firsts, axis=-1), j)
+    chosen = sum(jnp.where(x >= s, 1, 0) for s in starts[1:-1]) + jnp.zeros_like(x)
+    pos = [x - sum(jnp.where(chosen == p, s, 0) for p, s in enumerate(starts[:-1]))]
+    rest = j - base
+
+    for level in range(1, max(len(axes) for _, axes in views)):
+        x, base = 0, 0
+        for p, ((shape, axes), t) in enumerate(zip(views, ties)):
+            if len(axes) <= level:
+                continue
+            m = t & (_in_view(chosen, shape, axes) == p)
+            for lv in range(level):
+                m = m & (lax.broadcasted_iota(jnp.int32, (1, *shape), axes[lv] + 1) == _in_view(pos[lv], shape, axes))
+            xp, bp = _locate(_count_along(groups, m, axes, axes[level]), rest)
+            x, base = x + jnp.where(chosen == p, xp, 0), base + jnp.where(chosen == p, bp, 0)
+        pos.append(x)
+        rest = rest - base
+
+    out = []
+    for p, (part, (shape, axes)) in enumerate(zip(groups.parts, views)):
+        flat, stride = jnp.zeros_like(j), 1
+        for lv in reversed(range(len(axes))):
+            flat = flat + pos[lv] * stride
+            stride *= shape[axes[lv]]
+        out.append(jnp.where(chosen > p, part.size, jnp.where(chosen == p, flat, 0)))
+    return out
+
+
+def _index_by_count(groups: _Groups, value: jax.Array, j: jax.Array) -> list[jax.Array]:
+    """The index thresholds found by the value search itself, on keys that are the position (part
+    offset + flat index) of each entry equal to the value and KEY_MAX elsewhere: reductions only,
+    for sharded arrays (the running sums of `_index_search` would gather their counts)."""
+    offsets = [0]
+    for part in groups.parts[:-1]:
+        offsets.append(offsets[-1] + part.size)
+
+    def tie_positions(p: Part, i: int, off: int, t: int) -> jax.Array:
+        return jnp.where(p.keys == groups.expand(value, i)[t], p.index + off, KEY_MAX)
+
+    out = []
+    for t in range(value.shape[0]):  # one search per target: each has its own keys
+        # recomputed in each pass (never stored): positions of the ties, KEY_MAX elsewhere
+        keyed = [Part(functools.partial(tie_positions, p, i, off, t), p.axes)
+                 for i, (p, off) in enumerate(zip(groups.parts, offsets))]
+        found = _value_search(_Groups(keyed, sharded=True), j[t][None], 0).lo[0]
+        out.append([jnp.clip(found - off, 0, p.size) for p, off in zip(groups.parts, offsets)])
+    return [jnp.stack([o[i] for o in out]) for i in range(len(groups.parts))]
+
+
+def rank_thresholds(
+    parts: Sequence[Part], ranks: Sequence[int | jax.Array], *, sample: int | None = None, sharded: bool | None = None
+) -> list[Threshold]:
     """The composite threshold of each rank k in `ranks` (0 <= k <= group size).
 
     k == group size gives a threshold above every entry. Groups are the entries sharing all
     non-ranked axes; with several parts the ranked axes must be all but the leading one.
+    `sample` bounds the keys sampled (and sorted) over all groups together to place the first
+    pivots; when all groups hold no more, they are sorted whole. `sharded` (default: whether JAX
+    sees several devices) avoids every step whose sharded form is not a local reduction plus an
+    all-reduce: the sample, running sums, blocks that a device's shard may split. Neither changes
+    the result, only the speed.
     """
-    multi = len(parts) > 1
-    count = lambda p, pred: _count(parts[p], pred, multi)  # noqa: E731
-    total = lambda pred_fn: sum(count(p, pred_fn(p)) for p in range(len(parts)))  # noqa: E731
-    gshape = total(lambda p: jnp.zeros(parts[p].keys.shape, bool)).shape
-    ks = [jnp.broadcast_to(jnp.asarray(k, jnp.int32), gshape) for k in ranks]
-
-    def value_step(_, carry):
-        out = []
-        for (lo, hi), k in zip(carry, ks):
-            mid = lo + (hi - lo) // 2
-            c = total(lambda p: parts[p].keys <= _expand(mid, parts[p].keys.ndim))
-            ok = c > k
-            out.append((jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)))
-        return tuple(out)
-
-    start = (jnp.zeros(gshape, jnp.uint32), jnp.full(gshape, KEY_LIMIT, jnp.uint32))
-    values = [hi for _, hi in lax.fori_loop(0, _VALUE_STEPS, value_step, (start,) * len(ks))]
-
-    thresholds = []
-    for v, k in zip(values, ks):
-        rest = k - total(lambda p: parts[p].keys < _expand(v, parts[p].keys.ndim))
-        index = []
-        for p, part in enumerate(parts):
-            ties = part.keys == _expand(v, part.keys.ndim)
-            idx = part.index
-            n_ties = count(p, ties)
-            need = rest + 1  # the (rest)-th tie of this part, 0-based, ends the band below
-
-            def index_step(_, carry, ties=ties, idx=idx, need=need, nd=part.keys.ndim, p=p):
-                lo, hi = carry
-                mid = lo + (hi - lo) // 2
-                ok = count(p, ties & (idx <= _expand(mid, nd))) >= need
-                return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
-
-            def bisect(_, size=part.size, step=index_step, shape=need.shape):
-                steps = max(1, math.ceil(math.log2(size + 1)))
-                start = (jnp.zeros(shape, jnp.int32), jnp.full(shape, size, jnp.int32))
-                return lax.fori_loop(0, steps, step, start)[1]
-
-            def whole(_, size=part.size, rest=rest, n_ties=n_ties):
-                # no group splits a run of ties: all of them are below (size) or none is (0)
-                return jnp.where(rest >= n_ties, size, 0).astype(jnp.int32)
-
-            split = jnp.any((rest > 0) & (rest < n_ties))  # only then is the index bisection needed
-            i = lax.cond(split, bisect, whole, None)
-            index.append(i)
-            rest = rest - n_ties
-        thresholds.append(Threshold(v, tuple(index)))
-    return thresholds
+    groups = _Groups(parts, jax.device_count() > 1 if sharded is None else sharded)
+    k = jnp.stack([jnp.broadcast_to(jnp.asarray(r, jnp.int32), groups.shape) for r in ranks])
+    b = _value_search(groups, k, _SAMPLE_BUDGET if sample is None else sample)
+    j = jnp.where(k == groups.size, 0, k - b.c_lo)  # entries equal to the value that rank below k
+    zeros = [jnp.zeros(k.shape, jnp.int32) for _ in parts]
+    search = _index_by_count if groups.sharded else _index_search
+    index = lax.cond(jnp.any(j > 0), lambda: search(groups, b.lo, j), lambda: zeros)
+    index = [jnp.where(k == groups.size, p.size, i) for p, i in zip(parts, index)]
+    return [Threshold(b.lo[t], tuple(i[t] for i in index)) for t in range(len(ranks))]

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 from .band import Band, exact_fraction
-from .selection import Part, Threshold, below, magnitude_keys, rank_thresholds
+from .selection import Part, Threshold, below, rank_thresholds, reduce_groups
 
 Granularity = Literal["tensor", "row", "global"]
 GRANULARITIES = ("tensor", "row", "global")
@@ -35,14 +36,19 @@ class LeafContext:
 
 @dataclasses.dataclass(frozen=True)
 class LeafState:
-    """tau: [T, ...] float32 task vectors; weights: [T]; delta: the combined [...] update."""
+    """tau: [T, ...] float32 task vectors; weights: [T]; delta: the combined [...] update;
+    recompute: a function that gives `tau` again from the leaf's inputs (None once a step has
+    changed tau), so that passes inside loops read the inputs instead of a stored copy of tau."""
 
     tau: jax.Array
     weights: jax.Array
     delta: jax.Array | None = None
     stats: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    recompute: Callable[[], jax.Array] | None = None
 
     def replace(self, **kw) -> LeafState:
+        if "tau" in kw:
+            kw.setdefault("recompute", None)
         return dataclasses.replace(self, **kw)
 
 
@@ -61,16 +67,14 @@ def group_axes(ndim: int, granularity: str, out_axis: int | None) -> tuple[int, 
 
 
 def _mask_stats(tau: jax.Array, keep: jax.Array, low: jax.Array, high: jax.Array) -> dict:
-    axes = tuple(range(1, tau.ndim))
     mag = jnp.abs(tau)
-    cnt = lambda m: jnp.sum(m, axis=axes, dtype=jnp.int32)  # noqa: E731
-    return {
-        "kept": cnt(keep),
-        "dropped_low": cnt(low),
-        "dropped_high": cnt(high),
-        "min_kept": jnp.min(jnp.where(keep, mag, jnp.inf), axis=axes),
-        "max_kept": jnp.max(jnp.where(keep, mag, -jnp.inf), axis=axes),
-    }
+    kept, dropped_low, dropped_high, min_kept, max_kept = reduce_groups(
+        [keep.astype(jnp.int32), low.astype(jnp.int32), high.astype(jnp.int32),
+         jnp.where(keep, mag, jnp.inf), jnp.where(keep, mag, -jnp.inf)],
+        ["sum", "sum", "sum", "min", "max"], tuple(range(1, tau.ndim)),
+    )
+    return {"kept": kept, "dropped_low": dropped_low, "dropped_high": dropped_high,
+            "min_kept": min_kept, "max_kept": max_kept}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +106,13 @@ class MagnitudeBand:
         hi = jnp.asarray([c[0] + c[1] for c in counts], jnp.int32).reshape(shape)
         return tuple(rank_thresholds(parts, [lo, hi]))
 
-    def mask(self, tau: jax.Array, ctx: LeafContext = LeafContext()) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(keep, dropped_low, dropped_high) boolean masks of a [T, ...] task-vector stack."""
-        part = Part(magnitude_keys(tau), group_axes(tau.ndim, self.granularity, ctx.out_axis))
+    def mask(
+        self, tau: jax.Array | Callable[[], jax.Array], ctx: LeafContext = LeafContext()
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(keep, dropped_low, dropped_high) boolean masks of a [T, ...] task-vector stack, given as
+        an array or as a function that computes it."""
+        ndim = jnp.ndim(tau() if callable(tau) else tau)
+        part = Part(tau, group_axes(ndim, self.granularity, ctx.out_axis))
         if self.granularity == "global":
             if ctx.thresholds is None:
                 raise ValueError("global granularity needs thresholds computed over all leaves")
@@ -116,7 +124,7 @@ class MagnitudeBand:
         return not_high & ~low, low, ~not_high
 
     def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
-        keep, low, high = self.mask(state.tau, ctx)
+        keep, low, high = self.mask(state.recompute or state.tau, ctx)
         stats = _mask_stats(state.tau, keep, low, high)
         return state.replace(tau=jnp.where(keep, state.tau, 0.0), stats={**state.stats, **stats})
 

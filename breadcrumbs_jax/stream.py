@@ -239,7 +239,13 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
         index = None if s is None else s.index("shared")
         # on the device at once, so no host copy outlives its transfer ('copy' leaves stay on the host)
         put = (lambda x: x) if plan.action == "copy" else jax.device_put
-        return put(base.read(plan.path, index)), [put(m.read(plan.path, index)) for m in models]
+        first = models[0].read(plan.path, index)
+        stack = np.empty((len(models), *first.shape), first.dtype)  # the kernel takes one [T, ...] stack
+        stack[0] = first
+        del first
+        for t, m in enumerate(models[1:], 1):
+            stack[t] = m.read(plan.path, index)
+        return put(base.read(plan.path, index)), put(stack)
 
     bar = None
     if progress:

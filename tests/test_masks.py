@@ -117,7 +117,7 @@ finite_f32 = st.floats(-2.0**100, 2.0**100, allow_nan=False, allow_infinity=Fals
 small_pool = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 2.0, 1e-30, 3.5])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     tau=hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=9), elements=st.one_of(finite_f32, small_pool)),
     beta=st.sampled_from([0.0, 0.1, 0.5, 0.85, 0.9, 1.0]),
@@ -128,7 +128,7 @@ def test_property_tensor_mask_matches_sorted_reference(tau, beta, width):
     check(tau[None], beta, gamma)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(
     tau=hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=3, max_side=7), elements=small_pool),
     data=st.data(),
@@ -138,7 +138,7 @@ def test_property_row_mask_matches_reference(tau, data):
     check(np.stack([tau, -tau[::-1]]), 0.25, 0.75, "row", out_axis)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     tau=hnp.arrays(np.float32, st.integers(1, 60), elements=finite_f32),
     k=st.integers(-6, 6),

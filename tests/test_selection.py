@@ -1,0 +1,187 @@
+"""Exact rank selection (breadcrumbs_jax.selection) against a sort-based numpy reference.
+
+The entry of rank k in a group is the k-th in the order (|x|, flat index); `below(part, thr)` must
+mark exactly the k entries before it, whatever the ties. Each case runs in three modes: the default
+sample (small groups are then sorted whole, so the first pass finds the value); a tiny sample, which
+forces the counting passes, the interpolation, the block extraction and, on ties, the positional
+index search; and the sharded mode (no sample, blocks whole on any of the 8 test devices, the index
+found by counting), which test_sharding.py compiles over meshes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from breadcrumbs_jax.selection import Part, below, magnitude_keys, rank_thresholds
+
+MODES = [(None, False), (64, False), (None, True)]  # (sample, sharded)
+
+
+def np_keys(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, np.float32).view(np.int32) & 0x7FFFFFFF
+
+
+def reference_below(x: np.ndarray, axes: tuple[int, ...], k) -> np.ndarray:
+    """Entries of rank < k per group, by np.lexsort of (key, flat index); k scalar or group-shaped."""
+    other = [a for a in range(x.ndim) if a not in axes]
+    keys = np.moveaxis(np_keys(x), other, list(range(len(other))))
+    lead = keys.shape[: len(other)]
+    flat = keys.reshape(int(np.prod(lead)), -1)
+    ks = np.moveaxis(np.broadcast_to(np.asarray(k), x.shape), other, list(range(len(other))))
+    ks = ks.reshape(flat.shape)[:, 0]
+    out = np.zeros(flat.shape, bool)
+    for g in range(flat.shape[0]):
+        order = np.lexsort((np.arange(flat.shape[1]), flat[g]))
+        out[g, order[: ks[g]]] = True
+    return np.moveaxis(out.reshape(keys.shape), list(range(len(other))), other)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(axes: tuple[int, ...], n_ranks: int, mode: tuple[int | None, bool]):
+    @jax.jit
+    def f(x, ranks):
+        part = Part(x, axes)
+        thresholds = rank_thresholds([part], [ranks[i] for i in range(n_ranks)], sample=mode[0], sharded=mode[1])
+        return jnp.stack([below(part, t) for t in thresholds])
+
+    return f
+
+
+def check(x, axes, ranks, mode):
+    x = np.asarray(x, np.float32)
+    got = np.asarray(kernel(tuple(axes), len(ranks), mode)(x, jnp.asarray(ranks, jnp.int32)))
+    for k, g in zip(ranks, got):
+        np.testing.assert_array_equal(g, reference_below(x, tuple(axes), k), err_msg=f"rank {k}")
+
+
+def group_size(shape, axes):
+    return int(np.prod([shape[a] for a in axes]))
+
+
+# shapes and ranked axes: tensor groups (all but the task axis), rows along either axis, 1-D, scalars
+CASES = [((2, 100), (1,)), ((3, 64, 96), (1, 2)), ((2, 96, 64), (2,)), ((2, 96, 64), (1,)), ((4, 37, 11), (1, 2)), ((3,), ())]
+
+values = st.sampled_from(["normal", "integers", "zeros", "bf16", "constant", "signed_zeros"])
+
+
+def make(kind: str, shape, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "normal":
+        return rng.standard_normal(shape).astype(np.float32)
+    if kind == "integers":  # a few values, long runs of ties
+        return rng.integers(-3, 4, shape).astype(np.float32)
+    if kind == "zeros":  # mostly exact zeros, as sparse task vectors have
+        x = rng.standard_normal(shape).astype(np.float32)
+        return np.where(rng.random(shape) < 0.7, 0.0, x).astype(np.float32)
+    if kind == "bf16":  # the difference of two bf16 models: clustered magnitudes
+        import ml_dtypes
+
+        base = (rng.standard_normal(shape) * 0.02).astype(ml_dtypes.bfloat16)
+        ft = (base.astype(np.float32) + rng.standard_normal(shape) * 0.002).astype(ml_dtypes.bfloat16)
+        return ft.astype(np.float32) - base.astype(np.float32)
+    if kind == "constant":
+        return np.full(shape, -0.5, np.float32)
+    return np.where(rng.random(shape) < 0.5, -0.0, 0.0).astype(np.float32)  # -0 ties with +0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape,axes", CASES)
+@settings(max_examples=10, deadline=None)
+@given(kind=values, seed=st.integers(0, 2**16), data=st.data())
+def test_exact_against_lexsort(shape, axes, mode, kind, seed, data):
+    n = group_size(shape, axes)
+    ranks = data.draw(st.lists(st.integers(0, n), min_size=3, max_size=3))
+    check(make(kind, shape, seed), axes, ranks, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_band_edges_and_extremes(mode):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 64, 96)).astype(np.float32)
+    n = 64 * 96
+    check(x, (1, 2), [0, 1, n // 2, int(n * 0.85), int(n * 0.993), n - 1, n], mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ties_straddle_both_thresholds(mode):
+    # 90% zeros: the low threshold falls inside the run of zeros, the index tie-break decides
+    x = np.zeros((2, 50, 40), np.float32)
+    x[:, ::10] = np.arange(1, 401, dtype=np.float32).reshape(2, 5, 40)[:, :5]
+    check(x, (1, 2), [1000, 1799, 1800, 1950], mode)
+
+
+@pytest.mark.parametrize("mode", MODES[1:])
+@settings(max_examples=15, deadline=None)
+@given(x=hnp.arrays(np.float32, (2, 24, 20), elements=st.floats(-4, 4, width=32)), data=st.data())
+def test_hypothesis_arrays(mode, x, data):
+    ranks = data.draw(st.lists(st.integers(0, 480), min_size=2, max_size=2))
+    check(x, (1, 2), ranks, mode)
+
+
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_ranks_per_group(mode):
+    # one rank per task (a [T, 1, 1] array), as per-task bands give
+    rng = np.random.default_rng(3)
+    x = rng.integers(-5, 6, (3, 30, 20)).astype(np.float32)
+    ranks = np.array([0, 250, 600], np.int32).reshape(3, 1, 1)
+    f = jax.jit(lambda x, r: below(Part(x, (1, 2)), rank_thresholds([Part(x, (1, 2))], [r], sample=mode[0], sharded=mode[1])[0]))
+    np.testing.assert_array_equal(np.asarray(f(x, ranks)), reference_below(x, (1, 2), ranks))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_several_parts_rank_as_one_group(mode):
+    # global granularity: all leaves of a task vector are one group, ties ordered by part then index
+    rng = np.random.default_rng(4)
+    leaves = [
+        rng.integers(-2, 3, (2, 30, 20)).astype(np.float32),
+        rng.integers(-2, 3, (2, 17)).astype(np.float32),
+        rng.integers(-2, 3, (2,)).astype(np.float32),
+        rng.standard_normal((2, 64, 32)).astype(np.float32),
+    ]
+    n = sum(int(np.prod(x.shape[1:])) for x in leaves)
+    ranks = [0, 5, n // 3, n // 2 + 7, n - 1, n]
+
+    @jax.jit
+    def f(*xs):
+        parts = [Part(x, tuple(range(1, x.ndim))) for x in xs]
+        ths = rank_thresholds(parts, ranks, sample=mode[0], sharded=mode[1])
+        return [[below(p, t, i) for i, p in enumerate(parts)] for t in ths]
+
+    got = f(*leaves)
+    flat = np.concatenate([x.reshape(2, -1) for x in leaves], axis=1)
+    for k, masks in zip(ranks, got):
+        want = reference_below(flat, (1,), k)
+        np.testing.assert_array_equal(np.concatenate([np.asarray(m).reshape(2, -1) for m in masks], axis=1), want)
+
+
+def test_keys_or_values_give_the_same_thresholds():
+    x = np.random.default_rng(5).standard_normal((2, 40, 30)).astype(np.float32)
+    a = rank_thresholds([Part(jnp.asarray(x), (1, 2))], [100, 1000])
+    b = rank_thresholds([Part(magnitude_keys(jnp.asarray(x)), (1, 2))], [100, 1000])
+    for ta, tb in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(ta.value), np.asarray(tb.value))
+        np.testing.assert_array_equal(np.asarray(ta.index[0]), np.asarray(tb.index[0]))
+
+
+@pytest.mark.parametrize("kind", ["normal", "bf16", "zeros"])
+def test_large_group_uses_block_extraction(kind):
+    # 1M entries per group: two levels of 32-blocks, sampled pivots, extraction of block min/max
+    x = make(kind, (2, 1024, 1024), 7)
+    n = 1024 * 1024
+    ranks = [n - 149946 - 7340, n - 7340]  # the Breadcrumbs band of beta 0.85, gamma 0.993
+    check(x, (1, 2), ranks, (None, False))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_search_always_narrows_its_bracket(mode):
+    """A miss just past a pivot once extrapolated pivots outside the bracket, and the search
+    went back and forth for ever (found by the property test above)."""
+    check(make("zeros", (2, 96, 64), 65535), (2,), [62, 5, 49], mode)
