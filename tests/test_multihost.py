@@ -99,7 +99,8 @@ def read_bytes(result: subprocess.CompletedProcess) -> tuple[int, int]:
     "shapes, suffix, params, mesh",
     [
         # safetensors in, PyTorch layout, row granularity, mesh (8,) over both processes
-        (HF, ".safetensors", {"granularity": "row", "beta": 0.3, "gamma": 0.9, "alpha": 0.5}, []),
+        pytest.param(HF, ".safetensors", {"granularity": "row", "beta": 0.3, "gamma": 0.9, "alpha": 0.5}, [],
+                     marks=pytest.mark.slow),
         # Orbax in, Flax layout, one ranked group over all leaves, mesh (2, 4)
         (FLAX, "", {"granularity": "global", "density": 0.4, "gamma_top": 0.05}, ["--mesh", "2,4", "--mesh-axes", "x,y"]),
     ],

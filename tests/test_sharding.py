@@ -78,7 +78,7 @@ DEFAULT = {
     "1": ["breadcrumbs/tensor"],
     "2": ["breadcrumbs/row"],
     "4": ["ties/global"],
-    "8": ["linear", "task_arithmetic", "dare", "breadcrumbs/row", "ties/tensor"],
+    "8": ["linear", "task_arithmetic", "dare", "ties/tensor"],
     "2x4": ["linear", "task_arithmetic", "dare", "breadcrumbs/tensor", "ties/row", "breadcrumbs_ties/global"],
 }
 AWKWARD_DEFAULT = ["breadcrumbs_ties/global"]
