@@ -74,14 +74,15 @@ FUNCS = {
 }
 
 
-def bench(x, names, reps):
-    times = {n: [] for n in names}
-    for n in names:  # compile and warm up
-        jax.block_until_ready(FUNCS[n](x))
+def bench(funcs, args, reps):
+    """Median seconds of each function of `funcs` on `args`, compiled first, then run interleaved."""
+    times = {n: [] for n in funcs}
+    for f in funcs.values():  # compile and warm up
+        jax.block_until_ready(f(*args))
     for _ in range(reps):
-        for n in names:
+        for n, f in funcs.items():
             t = time.perf_counter()
-            jax.block_until_ready(FUNCS[n](x))
+            jax.block_until_ready(f(*args))
             times[n].append(time.perf_counter() - t)
     return {n: float(np.median(v)) for n, v in times.items()}
 
@@ -117,7 +118,7 @@ def main():
         x_np = make(args.dist, shape)
         x = jnp.asarray(x_np)
         names = ["pass", "write", "select", "mask"] + (["sort"] if mi <= 16 else [])
-        t = bench(x, names, args.reps)
+        t = bench({n: FUNCS[n] for n in names}, (x,), args.reps)
         status = check(x_np, mask(x))
         row = "  ".join(f"{n} {t[n] * 1e3:7.1f} ({t[n] / t['pass']:5.2f}x)" for n in names)
         print(f"{mi:3d}Mi x{args.tasks}: {row}  [{status}]", flush=True)

@@ -1,0 +1,75 @@
+"""Where one leaf's merge kernel spends its time: the kernel and its parts, as multiples of one pass.
+
+    python bench/kernel.py [--side 4096] [--tasks 4] [--reps 3] [--method breadcrumbs|ties]
+
+On a [T, side, side] stack of bfloat16 fine-tuned leaves (small perturbations of a bfloat16 base,
+as bench/llama_models.py makes), in one process and interleaved (only ratios in one run mean
+anything), the median over --reps of:
+  pass       jnp.abs(tau).sum() over the stored float32 task vectors (one read; the unit)
+  tau        the task vectors recomputed from the bf16 inputs, summed
+  finite     the NaN/Inf check of the T + 1 inputs
+  mask       the method's band mask, task vectors recomputed, applied (jnp.where)
+  stats      the per-task mask statistics of the report (of masks made by plain comparisons)
+  kernel     the whole jitted leaf merge (merge._merge_kernel), output in bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from selection import bench
+
+import breadcrumbs_jax as bj
+from breadcrumbs_jax.merge import _finite, _merge_kernel, _stack_tau
+from breadcrumbs_jax.steps import LeafContext, _mask_stats
+
+METHODS = {"breadcrumbs": bj.breadcrumbs(1.0, density=0.1, gamma_top=0.01), "ties": bj.ties(1.0, density=0.2)}
+
+
+def inputs(tasks: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    base = (rng.standard_normal((side, side), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    noise = rng.standard_normal((tasks, side, side), dtype=np.float32) * 0.002
+    return base, (base.astype(np.float32)[None] + noise).astype(ml_dtypes.bfloat16)
+
+
+def parts(method) -> dict:
+    sel, ctx = method.selector, LeafContext()
+
+    def mask(b, s, _):
+        keep, _, _ = sel.mask(lambda: _stack_tau(b, s), ctx)
+        return jnp.where(keep, _stack_tau(b, s), 0.0)
+
+    return {
+        "pass": jax.jit(lambda b, s, tau: jnp.abs(tau).sum()),
+        "tau": jax.jit(lambda b, s, _: _stack_tau(b, s).sum()),
+        "finite": jax.jit(lambda b, s, _: _finite(b, s)),
+        "mask": jax.jit(mask),
+        "stats": jax.jit(lambda b, s, tau: _mask_stats(tau, tau > 1e-3, tau < -1e-2, tau > 1e-2)),
+        "kernel": jax.jit(lambda b, s, _: _merge_kernel(
+            b, s, jnp.uint32(0), None, method=method, out_axis=None, out_dtype=np.dtype(ml_dtypes.bfloat16))),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--side", type=int, default=4096)
+    ap.add_argument("--tasks", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--method", default="breadcrumbs", choices=sorted(METHODS))
+    args = ap.parse_args()
+    base, stack = (jax.device_put(x) for x in inputs(args.tasks, args.side))
+    tau = jax.block_until_ready(_stack_tau(base, stack))
+    t = bench(parts(METHODS[args.method]), (base, stack, tau), args.reps)
+    print(f"jax {jax.__version__}; {args.method}; T={args.tasks} x {args.side}x{args.side} bfloat16; "
+          f"median of {args.reps}; multiples of one pass ({t['pass'] * 1e3:.1f} ms)")
+    for name, seconds in t.items():
+        print(f"  {name:7s} {seconds / t['pass']:6.1f}x")
+
+
+if __name__ == "__main__":
+    main()
