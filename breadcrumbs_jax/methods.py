@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from .band import Band
 from .errors import MergeError
+from .selection import evaluate
 from .steps import (
     Combine,
     ElectSign,
@@ -38,7 +39,7 @@ class Method:
         """Run the chain on a [T, ...] task-vector stack, or on a function that computes it (then
         selection passes recompute it from the inputs instead of storing it)."""
         recompute = tau if callable(tau) else None
-        tau = tau() if callable(tau) else tau
+        tau = evaluate(tau)
         state = LeafState(tau=tau, weights=jnp.ones((tau.shape[0],), jnp.float32), recompute=recompute)
         for step in self.steps:
             state = step(state, ctx)

@@ -69,6 +69,11 @@ def flat_index(shape: Sequence[int], axes: Sequence[int]) -> jax.Array:
     return idx
 
 
+def evaluate(source: jax.Array | Callable[[], jax.Array]) -> jax.Array:
+    """An array given as itself or as a function that computes it (then traced anew at each use)."""
+    return source() if callable(source) else source
+
+
 @dataclasses.dataclass(frozen=True)
 class Part:
     """One array of a group, ranked by magnitude over `axes`: float values, or their int32
@@ -81,7 +86,7 @@ class Part:
 
     @property
     def values(self) -> jax.Array:
-        return self.source() if callable(self.source) else self.source
+        return evaluate(self.source)
 
     @property
     def keys(self) -> jax.Array:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from .band import Band, exact_fraction
-from .selection import Part, Threshold, below, rank_thresholds, reduce_groups
+from .selection import Part, Threshold, below, evaluate, rank_thresholds, reduce_groups
 
 Granularity = Literal["tensor", "row", "global"]
 GRANULARITIES = ("tensor", "row", "global")
@@ -111,7 +111,7 @@ class MagnitudeBand:
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(keep, dropped_low, dropped_high) boolean masks of a [T, ...] task-vector stack, given as
         an array or as a function that computes it."""
-        ndim = jnp.ndim(tau() if callable(tau) else tau)
+        ndim = jnp.ndim(evaluate(tau))
         part = Part(tau, group_axes(ndim, self.granularity, ctx.out_axis))
         if self.granularity == "global":
             if ctx.thresholds is None:
