@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from .errors import MergeError
 from .methods import Method
@@ -79,10 +80,23 @@ def _stack_tau(base, stacked) -> jax.Array:
 
 
 def _finite(base, stacked) -> jax.Array:
-    """[T + 1] whether the pre-trained leaf, then each fine-tuned one, is free of NaN and Inf."""
+    """[T + 1] whether the pre-trained leaf, then each fine-tuned one, is free of NaN and Inf.
+
+    x - x is 0 for finite x and NaN for NaN or Inf, so its float sum is 0 exactly when every entry
+    is finite: one vectorised read with no scratch on XLA:CPU, where a count of `~isfinite` stores
+    a copy of the stack. The barrier keeps XLA from sharing the inputs' float32 conversion with
+    the merge's pass (a shared one is stored). XLA:CPU's vectorised reductions convert float16
+    through a stored copy, so float16 is counted in blocks (`reduce_groups`, slower)."""
+    base, stacked = lax.optimization_barrier((base, stacked))
     axes = tuple(range(1, jnp.ndim(stacked)))
-    bad = [reduce_groups([(~jnp.isfinite(x)).astype(jnp.int32)], ["sum"], axes)[0] for x in (base[None], stacked)]
-    return jnp.concatenate(bad) == 0
+
+    def bad(x):
+        if x.dtype == jnp.float16:
+            return reduce_groups([(~jnp.isfinite(x)).astype(jnp.int32)], ["sum"], axes)[0].astype(jnp.float32)
+        x = x.astype(jnp.float32)
+        return jnp.sum(x - x, axis=axes)
+
+    return jnp.concatenate([bad(base[None]), bad(stacked)]) == 0
 
 
 @functools.partial(jax.jit, static_argnames=("method", "out_axis", "out_dtype"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,14 +49,22 @@ def test_dtype_mismatch():
         merge(tree(), [tree(enc__bias=np.zeros(3, np.float16))])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, jnp.bfloat16])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_input(bad):
-    k = np.ones((4, 3), np.float32)
+def test_non_finite_input(bad, dtype):
+    def model(**leaves):
+        return jax.tree.map(lambda x: np.asarray(x, dtype) if np.issubdtype(x.dtype, np.floating) else x, tree(**leaves))
+
+    k = np.ones((4, 3), dtype)
     k[2, 1] = bad
     with pytest.raises(bj.MergeError, match=r"m1, leaf 'enc/kernel': contains NaN or Inf"):
-        merge(tree(), [tree(), tree(enc__kernel=k)], names=["m0", "m1"])
+        merge(model(), [model(), model(enc__kernel=k)], names=["m0", "m1"])
     with pytest.raises(bj.MergeError, match=r"pretrained, leaf 'enc/kernel': contains NaN or Inf"):
-        merge(tree(enc__kernel=k), [tree()])
+        merge(model(enc__kernel=k), [model()])
+    # a band that drops the entry (it ranks as the largest) still reports it
+    with pytest.raises(bj.MergeError, match=r"m1, leaf 'enc/kernel': contains NaN or Inf"):
+        merge(model(), [model(), model(enc__kernel=k)], names=["m0", "m1"],
+              method=bj.breadcrumbs(1.0, density=0.5, gamma_top=0.2))
 
 
 def test_no_models():

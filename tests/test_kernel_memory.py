@@ -33,8 +33,9 @@ def test_breadcrumbs_scratch_is_under_half_a_leaf_per_task(tasks, granularity):
     assert scratch(method, tasks) < 0.5 * tasks
 
 
-def test_task_arithmetic_needs_no_scratch():
-    assert scratch(bj.task_arithmetic(1.0), 8) < 0.1
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_task_arithmetic_needs_no_scratch(dtype):
+    assert scratch(bj.task_arithmetic(1.0), 8, dtype) < 0.1
 
 
 def test_a_stack_and_a_list_of_leaves_merge_to_the_same_bits():
