@@ -9,7 +9,7 @@ anything), the median over --reps of:
   tau        the task vectors recomputed from the bf16 inputs, summed
   finite     the NaN/Inf check of the T + 1 inputs
   mask       the method's band mask, task vectors recomputed, applied (jnp.where)
-  stats      the per-task mask statistics of the report (of masks made by plain comparisons)
+  stats      the report's per-task statistics of the band (given its thresholds)
   kernel     the whole jitted leaf merge (merge._merge_kernel), output in bfloat16
 """
 
@@ -25,7 +25,8 @@ from selection import bench
 
 import breadcrumbs_jax as bj
 from breadcrumbs_jax.merge import _finite, _merge_kernel, _stack_tau
-from breadcrumbs_jax.steps import LeafContext, _mask_stats
+from breadcrumbs_jax.selection import Part
+from breadcrumbs_jax.steps import LeafContext
 
 METHODS = {"breadcrumbs": bj.breadcrumbs(1.0, density=0.1, gamma_top=0.01), "ties": bj.ties(1.0, density=0.2)}
 
@@ -37,8 +38,10 @@ def inputs(tasks: int, side: int) -> tuple[np.ndarray, np.ndarray]:
     return base, (base.astype(np.float32)[None] + noise).astype(ml_dtypes.bfloat16)
 
 
-def parts(method) -> dict:
+def parts(method, base, stack) -> dict:
     sel, ctx = method.selector, LeafContext()
+    lo, hi = jax.jit(lambda b, s: sel._select(lambda: _stack_tau(b, s), ctx)[1:])(base, stack)
+    axes = tuple(range(1, stack.ndim))
 
     def mask(b, s, _):
         keep, _, _ = sel.mask(lambda: _stack_tau(b, s), ctx)
@@ -49,7 +52,7 @@ def parts(method) -> dict:
         "tau": jax.jit(lambda b, s, _: _stack_tau(b, s).sum()),
         "finite": jax.jit(lambda b, s, _: _finite(b, s)),
         "mask": jax.jit(mask),
-        "stats": jax.jit(lambda b, s, tau: _mask_stats(tau, tau > 1e-3, tau < -1e-2, tau > 1e-2)),
+        "stats": jax.jit(lambda b, s, _: sel._rank_stats(Part(lambda: _stack_tau(b, s), axes), lo, hi)),
         "kernel": jax.jit(lambda b, s, _: _merge_kernel(
             b, s, jnp.uint32(0), None, method=method, out_axis=None, out_dtype=np.dtype(ml_dtypes.bfloat16))),
     }
@@ -64,7 +67,7 @@ def main():
     args = ap.parse_args()
     base, stack = (jax.device_put(x) for x in inputs(args.tasks, args.side))
     tau = jax.block_until_ready(_stack_tau(base, stack))
-    t = bench(parts(METHODS[args.method]), (base, stack, tau), args.reps)
+    t = bench(parts(METHODS[args.method], base, stack), (base, stack, tau), args.reps)
     print(f"jax {jax.__version__}; {args.method}; T={args.tasks} x {args.side}x{args.side} bfloat16; "
           f"median of {args.reps}; multiples of one pass ({t['pass'] * 1e3:.1f} ms)")
     for name, seconds in t.items():

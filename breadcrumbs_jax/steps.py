@@ -10,12 +10,15 @@ dataclasses, so a chain is hashable and is a static argument of the jitted leaf 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import zlib
 from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from .band import Band, exact_fraction
 from .selection import Part, Threshold, below, evaluate, rank_thresholds, reduce_groups
@@ -106,26 +109,52 @@ class MagnitudeBand:
         hi = jnp.asarray([c[0] + c[1] for c in counts], jnp.int32).reshape(shape)
         return tuple(rank_thresholds(parts, [lo, hi]))
 
-    def mask(
-        self, tau: jax.Array | Callable[[], jax.Array], ctx: LeafContext = LeafContext()
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(keep, dropped_low, dropped_high) boolean masks of a [T, ...] task-vector stack, given as
-        an array or as a function that computes it."""
+    def _select(self, tau: jax.Array | Callable[[], jax.Array], ctx: LeafContext) -> tuple[Part, Threshold, Threshold]:
         ndim = jnp.ndim(evaluate(tau))
         part = Part(tau, group_axes(ndim, self.granularity, ctx.out_axis))
         if self.granularity == "global":
             if ctx.thresholds is None:
                 raise ValueError("global granularity needs thresholds computed over all leaves")
-            lo, hi = ctx.thresholds
-        else:
-            lo, hi = self.thresholds([part], part.size)
-        low = below(part, lo)
-        not_high = below(part, hi)
+            return part, *ctx.thresholds
+        return part, *self.thresholds([part], part.size)
+
+    def mask(
+        self, tau: jax.Array | Callable[[], jax.Array], ctx: LeafContext = LeafContext()
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(keep, dropped_low, dropped_high) boolean masks of a [T, ...] task-vector stack, given as
+        an array or as a function that computes it."""
+        part, lo, hi = self._select(tau, ctx)
+        low, not_high = below(part, lo), below(part, hi)
         return not_high & ~low, low, ~not_high
 
+    def _rank_stats(self, part: Part, lo: Threshold, hi: Threshold) -> dict:
+        """The report's statistics of a band of ranks (tensor or row groups), in one pass of two
+        outputs: the counts follow from the ranks; the smallest kept |tau| is the lower threshold's
+        value; the largest is the upper one's when an entry equal to it ranks below it, else the
+        largest |tau| under it."""
+        keys = part.keys
+        bands = self.band if isinstance(self.band, tuple) else (self.band,) * keys.shape[0]
+        counts = jnp.asarray([b.counts(part.size) for b in bands], jnp.int32)  # [T, 3]: bottom, kept, top
+        under = keys < hi.value  # thresholds of tensor and row groups are group-shaped
+        n_under, max_under = reduce_groups([under.astype(jnp.int32), jnp.where(under, keys, -1)], ["sum", "max"], part.axes)
+        task = (-1,) + (1,) * (n_under.ndim - 1)
+        top = jnp.where(n_under < (counts[:, 0] + counts[:, 1]).reshape(task), hi.value.reshape(n_under.shape), max_under)
+        groups = math.prod(n_under.shape[1:])
+        magnitude = functools.partial(lax.bitcast_convert_type, new_dtype=jnp.float32)
+        rows = tuple(range(1, n_under.ndim))
+        some = counts[:, 1] > 0
+        return {"kept": counts[:, 1] * groups, "dropped_low": counts[:, 0] * groups, "dropped_high": counts[:, 2] * groups,
+                "min_kept": jnp.where(some, jnp.min(magnitude(lo.value.reshape(n_under.shape)), axis=rows), jnp.inf),
+                "max_kept": jnp.where(some, jnp.max(magnitude(top), axis=rows), -jnp.inf)}
+
     def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
-        keep, low, high = self.mask(state.recompute or state.tau, ctx)
-        stats = _mask_stats(state.tau, keep, low, high)
+        part, lo, hi = self._select(state.recompute or state.tau, ctx)
+        low, not_high = below(part, lo), below(part, hi)
+        keep = not_high & ~low
+        if self.granularity == "global":  # the thresholds rank all leaves: count this one's share
+            stats = _mask_stats(state.tau, keep, low, ~not_high)
+        else:
+            stats = self._rank_stats(part, lo, hi)
         return state.replace(tau=jnp.where(keep, state.tau, 0.0), stats={**state.stats, **stats})
 
 

@@ -12,6 +12,8 @@ from flax import nnx
 
 import breadcrumbs_jax as bj
 
+from . import reference as ref
+
 
 def models(T=2, seed=0):
     rng = np.random.default_rng(seed)
@@ -112,3 +114,40 @@ def test_task_vector_round_trip():
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(fts[0])):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6)
     assert back["count"] == pre["count"]
+
+
+def _reference_masks(granularity, fts, pre, beta, gamma):
+    """[task][leaf] (keep, high) masks: high is the top band, ranks (gamma, 1]."""
+    out = []
+    for f, b, g in zip(fts, beta, gamma):
+        if granularity == "global":
+            both = zip(ref.global_masks([f[k] for k in pre], b, g), ref.global_masks([f[k] for k in pre], g, 1))
+        else:
+            axis = {"a": 0, "b": 1}
+            both = [(ref.band_mask(f[k], b, g, granularity, axis[k]), ref.band_mask(f[k], g, 1, granularity, axis[k])) for k in pre]
+        out.append(dict(zip(pre, both)))
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", "global"])
+def test_report_statistics_equal_the_reference_masks(granularity):
+    """Kept and dropped counts and the smallest and largest kept |tau| of each task against np.lexsort
+    masks, on data with long runs of ties (the band edges split them), with a band per task, one of
+    which keeps nothing."""
+    rng = np.random.default_rng(3)
+    pre = {"a": np.zeros((24, 40), np.float32), "b": np.zeros((16, 8), np.float32)}
+    fts = [{k: rng.integers(-6, 7, size=v.shape).astype(np.float32) * 0.5 for k, v in pre.items()} for _ in range(3)]
+    beta, gamma = (0.5, 0.3, 0.999), (0.9, 0.95, 0.999)  # the last keeps floor(n * 0) = 0 entries
+    method = bj.breadcrumbs(1.0, beta=list(beta), gamma=list(gamma), granularity=granularity)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the empty band warns
+        result = bj.merge(pre, fts, method, rules=[bj.LeafRule("a", out_axis=0)])
+    masks = _reference_masks(granularity, fts, pre, beta, gamma)
+    for lr in result.report.leaves:
+        for t, f in enumerate(fts):
+            keep, high = masks[t][lr.path]
+            mag = np.abs(f[lr.path])[keep]
+            want = (int(keep.sum()), int((~keep & ~high).sum()), int(high.sum()),
+                    float(mag.min()) if mag.size else None, float(mag.max()) if mag.size else None)
+            got = (lr.kept[t], lr.dropped_low[t], lr.dropped_high[t], lr.min_kept[t], lr.max_kept[t])
+            assert got == want, (lr.path, t)
