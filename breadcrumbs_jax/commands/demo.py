@@ -6,8 +6,8 @@ import argparse
 import sys
 import time
 
-from ..experiment.run import METHODS, Config, format_table, run
 from ..experiment.tasks import DEFAULT_TASKS, TRANSFORMS
+from ..methods import METHODS
 
 
 def register(subparsers) -> None:
@@ -32,6 +32,8 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..experiment.run import Config, format_table, run  # Flax, Optax: only the demo needs them
+
     kw = {}
     if args.tasks:
         kw["tasks"] = _names(args.tasks)

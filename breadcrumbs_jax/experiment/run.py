@@ -25,11 +25,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ..errors import MergeError
+from ..methods import METHODS as ALL_METHODS
 from ..search import DEFAULT_ALPHAS, merge_setting, search
 from . import evaluate, model, train
 from .tasks import DEFAULT_TASKS, check_tasks, digits, task_inputs
 
-METHODS: tuple[str, ...] = ("linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "breadcrumbs_ties")
+METHODS: tuple[str, ...] = tuple(ALL_METHODS)
 
 DEFAULT_GRIDS: dict[str, dict[str, tuple]] = {
     "linear": {},

@@ -11,8 +11,6 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from ..errors import MergeError
 
@@ -73,6 +71,9 @@ class Digits:
 
 def digits(seed: int, val: float = 0.2, test: float = 0.2) -> Digits:
     """The 1,797 digits, split (stratified by class, shuffled by `seed`) into train/val/test."""
+    from sklearn.datasets import load_digits  # imported here: 2 s that every CLI command would pay
+    from sklearn.model_selection import train_test_split
+
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32).reshape(-1, 8, 8)
     y = y.astype(np.int32)
