@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import MergeError
 from .io import LeafInfo, LeafSource, format_for, open_sink, open_source, staged_output
-from .io.base import check_target
+from .io.base import check_target, empty_aligned
 from .merge import merge_leaves, warn_empty
 from .methods import Method
 from .paths import SEP
@@ -240,7 +240,7 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
         # on the device at once, so no host copy outlives its transfer ('copy' leaves stay on the host)
         put = (lambda x: x) if plan.action == "copy" else jax.device_put
         first = models[0].read(plan.path, index)
-        stack = np.empty((len(models), *first.shape), first.dtype)  # the kernel takes one [T, ...] stack
+        stack = empty_aligned((len(models), *first.shape), first.dtype)  # the kernel takes one [T, ...] stack
         stack[0] = first
         del first
         for t, m in enumerate(models[1:], 1):

@@ -1,6 +1,7 @@
 import json
 import struct
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -35,6 +36,17 @@ def test_reads_files_written_by_safetensors_itself(tmp_path, tree):
         k: (v.shape, str(v.dtype)) for k, v in tree.items()
     }
     assert same_bits(io.load(tmp_path / "ref.safetensors"), tree)
+
+
+def test_read_leaves_reach_the_device_without_a_copy(tmp_path, tree):
+    """Leaves are read into 64-byte-aligned memory, which jax.device_put on CPU takes as it is."""
+    save_file(tree, str(tmp_path / "ref.safetensors"))
+    src = io.open_source(tmp_path / "ref.safetensors")
+    for path, info in src.leaves().items():
+        array = src.read(path)
+        assert array.ctypes.data % 64 == 0, path
+        if array.size and jax.default_backend() == "cpu":
+            assert jax.device_put(array).unsafe_buffer_pointer() == array.ctypes.data, path
 
 
 def test_sharded_folder_round_trip_with_index(tmp_path, tree):

@@ -89,6 +89,16 @@ def checked(source: LeafSource, info: LeafInfo, array: np.ndarray, index: Index 
     return array
 
 
+def empty_aligned(shape: Sequence[int], dtype) -> np.ndarray:
+    """np.empty whose data start on a 64-byte boundary: jax.device_put on CPU then takes the
+    memory as it is instead of copying it (a stack of T leaves: 1.3 s of a 374M-parameter merge)."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.empty(size + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
 def read_array(file: str | os.PathLike, offset: int, shape: tuple[int, ...], dtype: str,
                index: Index | None = None) -> np.ndarray:
     """An array stored raw (C order) at `offset` of `file`, or only `index` of it. Plain reads,
@@ -99,7 +109,7 @@ def read_array(file: str | os.PathLike, offset: int, shape: tuple[int, ...], dty
         out = np.array(view[index])
         del view
         return out
-    out = np.empty(shape, dtype)
+    out = empty_aligned(shape, dtype)
     buf = memoryview(out.reshape(-1).view(np.uint8))
     fd = os.open(file, os.O_RDONLY)
     try:
