@@ -80,6 +80,12 @@ def _mask_stats(tau: jax.Array, keep: jax.Array, low: jax.Array, high: jax.Array
             "min_kept": min_kept, "max_kept": max_kept}
 
 
+def _band_masks(part: Part, lo: Threshold, hi: Threshold) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(keep, dropped_low, dropped_high): ranks in [lo, hi), below lo, from hi on."""
+    low, not_high = below(part, lo), below(part, hi)
+    return not_high & ~low, low, ~not_high
+
+
 @dataclasses.dataclass(frozen=True)
 class MagnitudeBand:
     """Keep the entries of each group whose magnitude rank lies in the band (Breadcrumbs, TIES trim)."""
@@ -93,16 +99,22 @@ class MagnitudeBand:
 
             raise MergeError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
 
+    def _counts(self, tasks: int, n: int) -> list[tuple[int, int, int]]:
+        """(n_bot, n_keep, n_top) of each task's band in groups of n entries."""
+        if isinstance(self.band, Band):
+            return [self.band.counts(n)] * tasks
+        if len(self.band) != tasks:
+            from .errors import MergeError
+
+            raise MergeError(f"{len(self.band)} per-task bands given for {tasks} task vectors")
+        return [b.counts(n) for b in self.band]
+
     def thresholds(self, parts: list[Part], n: int) -> tuple[Threshold, Threshold]:
         if isinstance(self.band, Band):
             n_bot, n_keep, _ = self.band.counts(n)
             return tuple(rank_thresholds(parts, [n_bot, n_bot + n_keep]))
         tasks = parts[0].keys.shape[0]
-        if len(self.band) != tasks:
-            from .errors import MergeError
-
-            raise MergeError(f"{len(self.band)} per-task bands given for {tasks} task vectors")
-        counts = [b.counts(n) for b in self.band]
+        counts = self._counts(tasks, n)
         # per-task ranks broadcast against the group shape: [T] for several parts, [T, 1, ...] for one
         shape = (tasks,) + (1,) * (0 if len(parts) > 1 else parts[0].keys.ndim - 1)
         lo = jnp.asarray([c[0] for c in counts], jnp.int32).reshape(shape)
@@ -123,9 +135,7 @@ class MagnitudeBand:
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(keep, dropped_low, dropped_high) boolean masks of a [T, ...] task-vector stack, given as
         an array or as a function that computes it."""
-        part, lo, hi = self._select(tau, ctx)
-        low, not_high = below(part, lo), below(part, hi)
-        return not_high & ~low, low, ~not_high
+        return _band_masks(*self._select(tau, ctx))
 
     def _rank_stats(self, part: Part, lo: Threshold, hi: Threshold) -> dict:
         """The report's statistics of a band of ranks (tensor or row groups), in one pass of two
@@ -133,8 +143,7 @@ class MagnitudeBand:
         value; the largest is the upper one's when an entry equal to it ranks below it, else the
         largest |tau| under it."""
         keys = part.keys
-        bands = self.band if isinstance(self.band, tuple) else (self.band,) * keys.shape[0]
-        counts = jnp.asarray([b.counts(part.size) for b in bands], jnp.int32)  # [T, 3]: bottom, kept, top
+        counts = jnp.asarray(self._counts(keys.shape[0], part.size), jnp.int32)  # [T, 3]: bottom, kept, top
         under = keys < hi.value  # thresholds of tensor and row groups are group-shaped
         n_under, max_under = reduce_groups([under.astype(jnp.int32), jnp.where(under, keys, -1)], ["sum", "max"], part.axes)
         task = (-1,) + (1,) * (n_under.ndim - 1)
@@ -149,10 +158,9 @@ class MagnitudeBand:
 
     def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
         part, lo, hi = self._select(state.recompute or state.tau, ctx)
-        low, not_high = below(part, lo), below(part, hi)
-        keep = not_high & ~low
+        keep, low, high = _band_masks(part, lo, hi)
         if self.granularity == "global":  # the thresholds rank all leaves: count this one's share
-            stats = _mask_stats(state.tau, keep, low, ~not_high)
+            stats = _mask_stats(state.tau, keep, low, high)
         else:
             stats = self._rank_stats(part, lo, hi)
         return state.replace(tau=jnp.where(keep, state.tau, 0.0), stats={**state.stats, **stats})
