@@ -18,7 +18,8 @@ they bound it, and the next pivots split those bounds.
 
 Index. Only when the target lies strictly inside a run of equal keys is the index threshold needed.
 It is found by position: a pass counts the tied entries along the first group axis, a running sum of
-these few counts picks the line that holds the target, the next pass does the same inside that line.
+these few counts picks the line that holds the target, and the same is done inside that line, which
+is all that is read of it (a gather that XLA fuses with the part's computation).
 
 Every pass is a reduction over the group's axes (variadic, in blocks of 32 along one axis, then the
 rest: XLA:CPU compiles a reduction fused with elementwise work over many axes to a loop several times
@@ -563,10 +564,28 @@ def _locate(counts: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(before, axis=-1, dtype=jnp.int32), jnp.sum(jnp.where(before, counts, 0), axis=-1)
 
 
+def _count_in_slices(groups: _Groups, part: Part, shape, axes, value: jax.Array, pos: Sequence[jax.Array]) -> jax.Array:
+    """Counts of the entries equal to each target's value at each position along view axis
+    axes[len(pos)], within the slice at positions `pos` along the group axes before it:
+    [targets, *groups, d]. Only the slices are read (a gather, which XLA fuses with the part's
+    computation), not the part."""
+    n_free = len(shape) - len(axes)
+    keys = jnp.moveaxis(part.keys.reshape(shape), axes, range(n_free, len(shape)))  # [*free, *group axes]
+    free, dims = keys.shape[:n_free], keys.shape[n_free:]
+    counts = []
+    for t in range(value.shape[0]):
+        at = [jnp.clip(g[t].reshape(free), 0, d - 1) for g, d in zip(pos, dims)]
+        sub = keys[tuple(jnp.indices(free, sparse=True)) + tuple(at)]  # [*free, *group axes from len(pos)]
+        ties = sub == value[t].reshape(free + (1,) * (len(dims) - len(pos)))
+        c = jnp.sum(ties, axis=tuple(range(n_free + 1, sub.ndim)), dtype=jnp.int32)
+        counts.append(c.reshape(groups.shape + c.shape[-1:]))
+    return jnp.stack(counts)
+
+
 def _index_search(groups: _Groups, value: jax.Array, j: jax.Array) -> list[jax.Array]:
     """Index threshold per part of each target ([targets, *groups] each): the position (ties ordered
-    by part, then by flat index) before which exactly j entries equal the value. One pass per group
-    axis; the first also picks the part."""
+    by part, then by flat index) before which exactly j entries equal the value. One pass along the
+    first group axis (which also picks the part), then a read of the chosen slice per further axis."""
     views = [_lines(p) for p in groups.parts]
     ties = [p.keys.reshape(shape)[None] == _in_view(value, shape, axes) for p, (shape, axes) in zip(groups.parts, views)]
 
@@ -581,13 +600,10 @@ def _index_search(groups: _Groups, value: jax.Array, j: jax.Array) -> list[jax.A
 
     for level in range(1, max(len(axes) for _, axes in views)):
         x, base = 0, 0
-        for p, ((shape, axes), t) in enumerate(zip(views, ties)):
+        for p, (part, (shape, axes)) in enumerate(zip(groups.parts, views)):
             if len(axes) <= level:
                 continue
-            m = t & (_in_view(chosen, shape, axes) == p)
-            for lv in range(level):
-                m = m & (lax.broadcasted_iota(jnp.int32, (1, *shape), axes[lv] + 1) == _in_view(pos[lv], shape, axes))
-            xp, bp = _locate(_count_along(groups, m, axes, axes[level]), rest)
+            xp, bp = _locate(_count_in_slices(groups, part, shape, axes, value, pos), rest)
             x, base = x + jnp.where(chosen == p, xp, 0), base + jnp.where(chosen == p, bp, 0)
         pos.append(x)
         rest = rest - base

@@ -66,8 +66,10 @@ def group_size(shape, axes):
     return int(np.prod([shape[a] for a in axes]))
 
 
-# shapes and ranked axes: tensor groups (all but the task axis), rows along either axis, 1-D, scalars
-CASES = [((2, 100), (1,)), ((3, 64, 96), (1, 2)), ((2, 96, 64), (2,)), ((2, 96, 64), (1,)), ((4, 37, 11), (1, 2)), ((3,), ())]
+# shapes and ranked axes: tensor groups (all but the task axis), rows along either axis, 1-D, scalars,
+# three group axes (the index search descends three levels), group axes around a free one
+CASES = [((2, 100), (1,)), ((3, 64, 96), (1, 2)), ((2, 96, 64), (2,)), ((2, 96, 64), (1,)), ((4, 37, 11), (1, 2)), ((3,), ()),
+         ((2, 4, 6, 10), (1, 2, 3)), ((2, 6, 5, 8), (1, 3))]
 
 values = st.sampled_from(["normal", "integers", "zeros", "bf16", "constant", "signed_zeros"])
 
