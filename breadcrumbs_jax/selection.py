@@ -107,13 +107,15 @@ class Part:
 
 @dataclasses.dataclass(frozen=True)
 class Threshold:
-    """Composite key of one rank per group: `value` (group-shaped), one index threshold per part."""
+    """Composite key of one rank per group: `value` (group-shaped), one index threshold per part, and
+    `under`, the number of entries of the group whose key is below the value (None if not known)."""
 
     value: jax.Array
     index: tuple[jax.Array, ...]
+    under: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(Threshold, data_fields=["value", "index"], meta_fields=[])
+jax.tree_util.register_dataclass(Threshold, data_fields=["value", "index", "under"], meta_fields=[])
 
 
 def _expand(g: jax.Array, ndim: int) -> jax.Array:
@@ -660,4 +662,4 @@ def rank_thresholds(
     search = _index_by_count if groups.sharded else _index_search
     index = lax.cond(jnp.any(j > 0), lambda: search(groups, b.lo, j), lambda: zeros)
     index = [jnp.where(k == groups.size, p.size, i) for p, i in zip(parts, index)]
-    return [Threshold(b.lo[t], tuple(i[t] for i in index)) for t in range(len(ranks))]
+    return [Threshold(b.lo[t], tuple(i[t] for i in index), b.c_lo[t]) for t in range(len(ranks))]

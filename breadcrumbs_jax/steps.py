@@ -138,22 +138,29 @@ class MagnitudeBand:
         return _band_masks(*self._select(tau, ctx))
 
     def _rank_stats(self, part: Part, lo: Threshold, hi: Threshold) -> dict:
-        """The report's statistics of a band of ranks (tensor or row groups), in one pass of two
-        outputs: the counts follow from the ranks; the smallest kept |tau| is the lower threshold's
-        value; the largest is the upper one's when an entry equal to it ranks below it, else the
-        largest |tau| under it."""
-        keys = part.keys
-        counts = jnp.asarray(self._counts(keys.shape[0], part.size), jnp.int32)  # [T, 3]: bottom, kept, top
-        under = keys < hi.value  # thresholds of tensor and row groups are group-shaped
-        n_under, max_under = reduce_groups([under.astype(jnp.int32), jnp.where(under, keys, -1)], ["sum", "max"], part.axes)
-        task = (-1,) + (1,) * (n_under.ndim - 1)
-        top = jnp.where(n_under < (counts[:, 0] + counts[:, 1]).reshape(task), hi.value.reshape(n_under.shape), max_under)
-        groups = math.prod(n_under.shape[1:])
-        magnitude = functools.partial(lax.bitcast_convert_type, new_dtype=jnp.float32)
-        rows = tuple(range(1, n_under.ndim))
+        """The report's statistics of a band of ranks (tensor or row groups): the counts follow from
+        the ranks; the smallest kept |tau| is the lower threshold's value; the largest is the upper
+        one's when an entry equal to it ranks below it, else the largest |tau| under it (one pass of
+        two outputs, skipped when every group has such a tie, as runs of equal bf16 differences do)."""
+        counts = jnp.asarray(self._counts(hi.value.shape[0], part.size), jnp.int32)  # [T, 3]: bottom, kept, top
+        shape = tuple(d for a, d in enumerate(hi.value.shape) if a not in part.axes)  # [T, *groups] without group axes
+        k_hi = (counts[:, 0] + counts[:, 1]).reshape((-1,) + (1,) * (len(shape) - 1))
+        value = hi.value.reshape(shape)  # thresholds of tensor and row groups are group-shaped
+
+        def largest_under():
+            keys = part.keys
+            under = keys < hi.value
+            n_under, max_under = reduce_groups([under.astype(jnp.int32), jnp.where(under, keys, -1)], ["sum", "max"], part.axes)
+            return jnp.where(n_under < k_hi, value, max_under)
+
         some = counts[:, 1] > 0
+        tied = False if hi.under is None else jnp.all((hi.under.reshape(shape) < k_hi) | ~some.reshape(k_hi.shape))
+        top = lax.cond(tied, lambda: value, largest_under)
+        groups = math.prod(shape[1:])
+        magnitude = functools.partial(lax.bitcast_convert_type, new_dtype=jnp.float32)
+        rows = tuple(range(1, len(shape)))
         return {"kept": counts[:, 1] * groups, "dropped_low": counts[:, 0] * groups, "dropped_high": counts[:, 2] * groups,
-                "min_kept": jnp.where(some, jnp.min(magnitude(lo.value.reshape(n_under.shape)), axis=rows), jnp.inf),
+                "min_kept": jnp.where(some, jnp.min(magnitude(lo.value.reshape(shape)), axis=rows), jnp.inf),
                 "max_kept": jnp.where(some, jnp.max(magnitude(top), axis=rows), -jnp.inf)}
 
     def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:

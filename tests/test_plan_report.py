@@ -132,11 +132,13 @@ def _reference_masks(granularity, fts, pre, beta, gamma):
 @pytest.mark.parametrize("granularity", ["tensor", "row", "global"])
 def test_report_statistics_equal_the_reference_masks(granularity):
     """Kept and dropped counts and the smallest and largest kept |tau| of each task against np.lexsort
-    masks, on data with long runs of ties (the band edges split them), with a band per task, one of
-    which keeps nothing."""
+    masks, on data with long runs of ties (the band edges split them; leaf b of the second task has
+    none, so that only leaf a's largest kept |tau| follows from its thresholds alone), with a band per
+    task, one of which keeps nothing."""
     rng = np.random.default_rng(3)
     pre = {"a": np.zeros((24, 40), np.float32), "b": np.zeros((16, 8), np.float32)}
     fts = [{k: rng.integers(-6, 7, size=v.shape).astype(np.float32) * 0.5 for k, v in pre.items()} for _ in range(3)]
+    fts[1]["b"] = rng.standard_normal(pre["b"].shape).astype(np.float32)
     beta, gamma = (0.5, 0.3, 0.999), (0.9, 0.95, 0.999)  # the last keeps floor(n * 0) = 0 entries
     method = bj.breadcrumbs(1.0, beta=list(beta), gamma=list(gamma), granularity=granularity)
     with warnings.catch_warnings():
