@@ -207,21 +207,20 @@ def _unpack(words: Sequence[jax.Array], bits: int, n: int) -> list[jax.Array]:
 
 def _blocked(lanes: Sequence[jax.Array], extras: Sequence[tuple[jax.Array, str]], plan, at: int):
     """Block sums of 0/1 `lanes` (packed 4 to an int32 word, 8 bits a lane, then 16) and block
-    min/max of `extras`. Returns the lanes at the coarsest level of `plan`, and lanes and extras
-    after the first `at` levels (`extras` are reduced no further)."""
+    min/max of `extras` over the first `at` levels of `plan`. Returns the lanes before and after
+    each level of `plan` (the last: the coarsest), and the extras after `at` levels."""
     n, bits = len(lanes), 8
     words = _pack([lane.astype(jnp.int32) for lane in lanes], bits)
     rest = [x for x, _ in extras]
-    fine = (_unpack(words, bits, n), rest)
+    levels = [_unpack(words, bits, n)]
     for level, block in enumerate(plan):
         if level == 1:  # lanes hold up to 32 now: widen them before they can pass 255
             words, bits = _pack(_unpack(words, bits, n), 16), 16
         kinds = ["sum"] * len(words) + ([k for _, k in extras] if level < at else [])
         out = _reduce_blocks(words + (rest if level < at else []), kinds, block)
         words, rest = out[: len(words)], out[len(words) :] if level < at else rest
-        if level + 1 == at:
-            fine = (_unpack(words, bits, n), rest)
-    return _unpack(words, bits, n), fine
+        levels.append(_unpack(words, bits, n))
+    return levels, rest
 
 
 class _Groups:
@@ -245,6 +244,10 @@ class _Groups:
         if self.size >= KEY_MAX:
             raise ValueError(f"a group of {self.size} entries does not fit int32 counts")
         self.plans = tuple(_block_plan(p.values.shape, p.axes, devices=jax.device_count() if sharded else 1) for p in parts)
+        # lines of the positional index search: blocks of the first group axis, when the first level
+        # of the block plan sums them (the value passes then count the ties per line)
+        first = self.plans[0][0] if self.plans[0] else None
+        self.line = None if sharded or self.multi or not first or first[0] != min(parts[0].axes) else first[1]
         # extraction keeps one min/max per block at the coarsest level with enough blocks per group,
         # and at least the first (blocks of one entry would make its statistics leaf-sized)
         self.at, self.blocks = [], 0
@@ -274,19 +277,23 @@ class _Groups:
 class _Bracket:
     """Keys [lo, hi] hold each target's value; c_lo entries lie below lo, c_hi up to hi. `hint`:
     (has one, lo, hi, expected entries between) pivots for the next pass, from a miss or an
-    extraction. Every field is [targets, *groups]."""
+    extraction. Every field is [targets, *groups], but `lines`: the candidates per line that the
+    last pass counted ([targets, *groups, lines], with `groups.line`); `tallied`: whether that
+    pass's pivots were the resolved value's (the lines then count the entries equal to it)."""
 
     lo: jax.Array
     hi: jax.Array
     c_lo: jax.Array
     c_hi: jax.Array
     hint: tuple[jax.Array, jax.Array, jax.Array, jax.Array]
+    lines: jax.Array | None = None
+    tallied: jax.Array | None = None
 
     def replace(self, **kw) -> _Bracket:
         return dataclasses.replace(self, **kw)
 
 
-jax.tree_util.register_dataclass(_Bracket, data_fields=["lo", "hi", "c_lo", "c_hi", "hint"], meta_fields=[])
+jax.tree_util.register_dataclass(_Bracket, data_fields=["lo", "hi", "c_lo", "c_hi", "hint", "lines", "tallied"], meta_fields=[])
 
 
 def _sample(groups: _Groups, budget: int) -> jax.Array:
@@ -404,10 +411,11 @@ def _update(b: _Bracket, k, p_lo, p_hi, c_below, c_upto) -> _Bracket:
 
 
 def _value_pass(groups: _Groups, p_lo: jax.Array, p_hi: jax.Array, extract: bool):
-    """Count the entries below each target's pivots ([key < lo'], [key <= hi']); with `extract`, also
-    per target and block the number, min and max of the candidates (lo' <= key <= hi')."""
+    """Count the entries below each target's pivots ([key < lo'], [key <= hi']); the candidates
+    (lo' <= key <= hi') per line of `groups.line` ([targets, *groups, lines]; None without lines);
+    with `extract`, also per target and block the number, min and max of the candidates."""
     n_t = p_lo.shape[0]
-    below, upto, stats = 0, 0, []
+    below, upto, stats, lines = 0, 0, [], None
     for p, (part, plan) in enumerate(zip(groups.parts, groups.plans)):
         keys = part.keys
         lo, hi = groups.expand(p_lo, p), groups.expand(p_hi, p)
@@ -417,12 +425,18 @@ def _value_pass(groups: _Groups, p_lo: jax.Array, p_hi: jax.Array, extract: bool
             for t in range(n_t):
                 cand = (keys >= lo[t]) & (keys <= hi[t])
                 extras += [(jnp.where(cand, keys, KEY_MAX), "min"), (jnp.where(cand, keys, -1), "max")]
-        lanes, (fine, extras) = _blocked(lanes, extras, plan, groups.at[p] if extract else 0)
-        below = below + groups.total(jnp.stack(lanes[0::2]), p)
-        upto = upto + groups.total(jnp.stack(lanes[1::2]), p)
+        levels, extras = _blocked(lanes, extras, plan, groups.at[p] if extract else 0)
+        below = below + groups.total(jnp.stack(levels[-1][0::2]), p)
+        upto = upto + groups.total(jnp.stack(levels[-1][1::2]), p)
         if extract:
+            fine = levels[groups.at[p]]
             stats.append((jnp.stack(extras[0::2]), jnp.stack(extras[1::2]), jnp.stack(fine[1::2]) - jnp.stack(fine[0::2])))
-    return below, upto, stats
+        if groups.line:  # levels[1] sums blocks of the first group axis: sum the other group axes
+            a = min(part.axes)
+            c = jnp.stack(levels[1][1::2]) - jnp.stack(levels[1][0::2])
+            c = jnp.moveaxis(jnp.sum(c, axis=tuple(x + 1 for x in part.axes if x != a), keepdims=True), a + 1, -1)
+            lines = c.reshape(c.shape[:1] + groups.shape + c.shape[-1:])
+    return below, upto, stats, lines
 
 
 def _select_extracted(groups: _Groups, stats, j: jax.Array, lo: jax.Array, hi: jax.Array):
@@ -472,9 +486,11 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
     zero = jnp.zeros(k.shape, jnp.int32)
     # k == 0: nothing below (value 0, index 0); k == n: everything below (index = size)
     open_, edge = (k > 0) & (k < n), jnp.where(k == 0, 0, KEY_MAX)
+    n_lines = groups.parts[0].values.shape[min(groups.parts[0].axes)] // groups.line if groups.line else 0
     start = _Bracket(
         jnp.where(open_, 0, edge), jnp.where(open_, KEY_MAX, edge),
         jnp.where(open_, 0, k), jnp.where(open_, n, k), (no, zero, zero, zero.astype(jnp.float32)),
+        jnp.zeros(k.shape + (n_lines,), jnp.int32) if groups.line else None, no,
     )
 
     # the first pass takes its pivots from the sample, later ones interpolate; extract once every
@@ -499,14 +515,14 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
         p_lo, p_hi = jnp.where(whole & extract, b.lo, p_lo), jnp.where(whole & extract, b.hi, p_hi)
 
         def count_only(_):
-            below, upto, _ = _value_pass(groups, p_lo, p_hi, extract=False)
-            return below, upto, (p_lo, p_lo, p_lo, below, below, jnp.zeros(k.shape, bool))
+            below, upto, _, lines = _value_pass(groups, p_lo, p_hi, extract=False)
+            return below, upto, lines, (p_lo, p_lo, p_lo, below, below, jnp.zeros(k.shape, bool))
 
         def with_extraction(_):
-            below, upto, stats = _value_pass(groups, p_lo, p_hi, extract=True)
-            return below, upto, _select_extracted(groups, stats, k - below, p_lo, p_hi)
+            below, upto, stats, lines = _value_pass(groups, p_lo, p_hi, extract=True)
+            return below, upto, lines, _select_extracted(groups, stats, k - below, p_lo, p_hi)
 
-        below, upto, (a, m, z, c_lt, c_le, complete) = lax.cond(extract, with_extraction, count_only, None)
+        below, upto, lines, (a, m, z, c_lt, c_le, complete) = lax.cond(extract, with_extraction, count_only, None)
         nb = _update(b, k, p_lo, p_hi, below, upto)
         inside = ~nb.hint[0] & (nb.lo < nb.hi)
         done = inside & complete
@@ -517,22 +533,33 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
         whole_again = (a == nb.lo) & (m >= nb.hi)
         mid = nb.lo + (nb.hi - nb.lo) // 2
         h_lo, h_hi = jnp.where(whole_again, mid, a), jnp.where(whole_again, mid, m)
+        lo, hi = jnp.where(done, a, nb.lo), jnp.where(done, a, nb.hi)
         return nb.replace(
-            lo=jnp.where(done, a, nb.lo), hi=jnp.where(done, a, nb.hi),
-            c_lo=jnp.where(done, below + c_lt, nb.c_lo), c_hi=jnp.where(done, below + c_le, nb.c_hi),
+            lo=lo, hi=hi, c_lo=jnp.where(done, below + c_lt, nb.c_lo), c_hi=jnp.where(done, below + c_le, nb.c_hi),
             hint=tuple(jnp.where(refine, x, y) for x, y in zip((refine, h_lo, h_hi, jnp.zeros(k.shape)), nb.hint)),
+            lines=lines, tallied=(p_lo == lo) & (p_hi == hi) & (lo == hi),
         )
 
-    return lax.while_loop(lambda b: jnp.any(b.lo < b.hi), body, start)
+    def searching(b: _Bracket) -> jax.Array:
+        # with lines, also until the last pass counted the ties of every value that some rank splits
+        # (one more pass only where a value was found by a miss or by extraction)
+        untallied = (b.c_lo < k) & ~b.tallied if groups.line else False
+        return jnp.any((b.lo < b.hi) | untallied)
+
+    return lax.while_loop(searching, body, start)
 
 
 # ---------------------------------------------------------------- the index threshold inside a run of ties
 
 
-def _lines(part: Part) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The part's shape for positional search, and its group axes there: a single group axis is split
-    in two near its square root, so that no running sum spans a whole group."""
+def _lines(part: Part, line: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The part's shape for positional search, and its group axes there: with `line`, the first group
+    axis is split into blocks of that many (the lines the value passes count); else a single group
+    axis is split in two near its square root, so that no running sum spans a whole group."""
     shape, axes = tuple(part.values.shape), tuple(sorted(part.axes))
+    if line:
+        a = axes[0]
+        return shape[:a] + (shape[a] // line, line) + shape[a + 1 :], (a, a + 1) + tuple(x + 1 for x in axes[1:])
     if len(axes) != 1 or shape[axes[0]] < 64:
         return shape, axes
     a, d = axes[0], shape[axes[0]]
@@ -584,14 +611,17 @@ def _count_in_slices(groups: _Groups, part: Part, shape, axes, value: jax.Array,
     return jnp.stack(counts)
 
 
-def _index_search(groups: _Groups, value: jax.Array, j: jax.Array) -> list[jax.Array]:
+def _index_search(groups: _Groups, value: jax.Array, j: jax.Array, lines: jax.Array | None = None) -> list[jax.Array]:
     """Index threshold per part of each target ([targets, *groups] each): the position (ties ordered
-    by part, then by flat index) before which exactly j entries equal the value. One pass along the
-    first group axis (which also picks the part), then a read of the chosen slice per further axis."""
-    views = [_lines(p) for p in groups.parts]
-    ties = [p.keys.reshape(shape)[None] == _in_view(value, shape, axes) for p, (shape, axes) in zip(groups.parts, views)]
-
-    firsts = [_count_along(groups, t, axes, axes[0] if axes else None) for t, (_, axes) in zip(ties, views)]
+    by part, then by flat index) before which exactly j entries equal the value. The ties per line
+    along the first group axis (which also pick the part) are `lines`, as the value search counted
+    them, or one pass; then a read of the chosen slice per further axis."""
+    views = [_lines(p, groups.line) for p in groups.parts]
+    if lines is None:
+        ties = [p.keys.reshape(shape)[None] == _in_view(value, shape, axes) for p, (shape, axes) in zip(groups.parts, views)]
+        firsts = [_count_along(groups, t, axes, axes[0] if axes else None) for t, (_, axes) in zip(ties, views)]
+    else:
+        firsts = [lines]
     starts = [0]
     for f in firsts:
         starts.append(starts[-1] + f.shape[-1])
@@ -659,7 +689,7 @@ def rank_thresholds(
     b = _value_search(groups, k, _SAMPLE_BUDGET if sample is None else sample)
     j = jnp.where(k == groups.size, 0, k - b.c_lo)  # entries equal to the value that rank below k
     zeros = [jnp.zeros(k.shape, jnp.int32) for _ in parts]
-    search = _index_by_count if groups.sharded else _index_search
+    search = _index_by_count if groups.sharded else functools.partial(_index_search, lines=b.lines)
     index = lax.cond(jnp.any(j > 0), lambda: search(groups, b.lo, j), lambda: zeros)
     index = [jnp.where(k == groups.size, p.size, i) for p, i in zip(parts, index)]
     return [Threshold(b.lo[t], tuple(i[t] for i in index), b.c_lo[t]) for t in range(len(ranks))]
