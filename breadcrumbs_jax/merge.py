@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -156,12 +157,26 @@ def merge_leaf(
         out = base if plan.action == "copy" or out_dtype is None else base.astype(out_dtype)
         return out, leaf_report(plan, None, len(finetuned))
     dtype = jax.dtypes.canonicalize_dtype(out_dtype if out_dtype is not None else plan.dtype)
+    stack, out_axis = stack_models(finetuned), plan.out_axis
+    if plan.method.flat:  # the row axis is unused; host leaves go in as their kernel view
+        out_axis = None
+        if isinstance(base, np.ndarray) and isinstance(stack, np.ndarray):
+            base, stack = base.reshape(kernel_shape(plan.shape)), stack.reshape((len(stack), *kernel_shape(plan.shape)))
     merged, stats, finite = _merge_kernel(
-        base, stack_models(finetuned), jnp.uint32(path_hash(plan.path)), thresholds,
-        method=plan.method, out_axis=plan.out_axis, out_dtype=dtype,
+        base, stack, jnp.uint32(path_hash(plan.path)), thresholds, method=plan.method, out_axis=out_axis, out_dtype=dtype,
     )
     _raise_not_finite(plan, finite, names)
-    return merged, leaf_report(plan, jax.device_get(stats), len(finetuned))
+    return merged.reshape(plan.shape), leaf_report(plan, jax.device_get(stats), len(finetuned))
+
+
+def kernel_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The view of a leaf that a `Method.flat` merge takes: (n / m, m), m the smaller of the last two
+    dims. Leaves of one size then share one compiled kernel, and the long axis leads (the block
+    reductions run along it: [1024, 2816] merges about 1.3x faster viewed as [2816, 1024])."""
+    if len(shape) < 2 or min(shape[-2:]) == 0:
+        return shape
+    m = min(shape[-2:])
+    return (math.prod(shape) // m, m)
 
 
 def merge_leaves(

@@ -57,6 +57,13 @@ class Method:
         sel = self.selector
         return sel.granularity if sel else "-"
 
+    @property
+    def flat(self) -> bool:
+        """Whether a leaf's merge depends on its shape only through the row-major order of its
+        entries (every step built in, no `row` groups): the leaf may then be merged reshaped."""
+        built_in = (MagnitudeBand, RandomDrop, Weight, ElectSign, Combine, Scale)
+        return all(type(s) in built_in for s in self.steps) and self.granularity != "row"
+
     def with_granularity(self, granularity: str) -> Method:
         steps = tuple(
             dataclasses.replace(s, granularity=granularity) if isinstance(s, MagnitudeBand) else s

@@ -201,3 +201,29 @@ def test_breadcrumbs_ties_unnormalized_sums_agreeing_entries(models):
 
     method = bj.breadcrumbs_ties(alpha, density=density, gamma_top=gamma_top, weights=WEIGHTS, normalize=False)
     run(models, method, want)
+
+
+@pytest.mark.parametrize("method", [bj.breadcrumbs(0.7, density=0.2, gamma_top=0.05), bj.dare(1.0, p=0.5, seed=3),
+                                    bj.ties(1.0, density=0.3), bj.breadcrumbs(1.0, density=0.2, gamma_top=0.05, granularity="global")])
+def test_host_leaves_merge_as_their_kernel_view(method):
+    """Host (numpy) leaves of a `flat` method are merged viewed as (n / m, m): the same bits as the
+    leaves given as device arrays (merged in their own shape), and one kernel for the shapes of one view."""
+    import jax
+
+    from breadcrumbs_jax.merge import _merge_kernel, kernel_shape
+
+    assert kernel_shape((24, 40)) == (40, 24) and kernel_shape((6, 40, 24)) == (240, 24) and kernel_shape((7,)) == (7,)
+    rng = np.random.default_rng(5)
+    pre = {"a": rng.standard_normal((24, 40), dtype=np.float32), "b": rng.standard_normal((40, 24), dtype=np.float32),
+           "c": rng.standard_normal((2, 24, 20), dtype=np.float32)}
+    fts = [{k: v + rng.integers(-3, 4, v.shape).astype(np.float32) * 0.25 for k, v in pre.items()} for _ in range(3)]
+    jax.clear_caches()
+    host = bj.merge(pre, fts, method)
+    compiled = _merge_kernel._cache_size()
+    device = bj.merge(jax.device_put(pre), [jax.device_put(f) for f in fts], method)
+    for k in pre:
+        got, want = np.asarray(host.params[k]), np.asarray(device.params[k])
+        assert got.shape == pre[k].shape
+        np.testing.assert_array_equal(got, want, err_msg=k)
+    assert host.report == device.report
+    assert compiled == 2  # [24, 40] and [40, 24] merge as [40, 24], [2, 24, 20] as [48, 20]
