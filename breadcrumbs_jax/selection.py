@@ -43,6 +43,7 @@ from jax import lax
 
 KEY_MAX = 0x7FFFFFFF  # the largest key (a NaN with every bit set); +inf is 0x7F800000
 _BLOCK = 32  # entries per block and level of the blocked reductions
+_SORT_MAX = 1 << 14  # groups of at most this many entries in all are sorted whole
 _SAMPLE_BUDGET = 1 << 18  # sampled keys per call (all groups together) ...
 _SAMPLE_SHARE = 128  # ... and at most one in this many entries
 _SAMPLE_MAX = 1 << 16  # ... and per group
@@ -671,6 +672,25 @@ def _index_by_count(groups: _Groups, value: jax.Array, j: jax.Array) -> list[jax
     return [jnp.stack([o[i] for o in out]) for i in range(len(groups.parts))]
 
 
+def _sorted_thresholds(part: Part, groups: _Groups, k: jax.Array) -> list[Threshold]:
+    """The thresholds of small groups, from a sort of each whole group by key (stable: ties stay in
+    flat index order), which compiles to far less than the search."""
+    axes = sorted(part.axes)
+    ends = list(range(part.values.ndim - len(axes), part.values.ndim))
+    keys, index = (jnp.moveaxis(x, axes, ends).reshape(-1, groups.size) for x in (part.keys, part.index))
+    keys, index = lax.sort((keys, index), dimension=1, num_keys=1, is_stable=True)
+    k = k.reshape(k.shape[0], -1, 1)
+    at = jnp.minimum(k, groups.size - 1)
+    value = jnp.take_along_axis(jnp.broadcast_to(keys, k.shape[:1] + keys.shape), at, axis=2)
+    value = jnp.where(k == 0, 0, jnp.where(k == groups.size, KEY_MAX, value))  # as the search gives them
+    under = jnp.sum(keys < value, axis=2, keepdims=True, dtype=jnp.int32)
+    index = jnp.take_along_axis(jnp.broadcast_to(index, k.shape[:1] + index.shape), at, axis=2)
+    index = jnp.where(k == groups.size, part.size, jnp.where(under < k, index, 0))
+    shape = (k.shape[0],) + groups.shape
+    value, index, under = (x.reshape(shape) for x in (value, index, under))
+    return [Threshold(value[t], (index[t],), under[t]) for t in range(k.shape[0])]
+
+
 def rank_thresholds(
     parts: Sequence[Part], ranks: Sequence[int | jax.Array], *, sample: int | None = None, sharded: bool | None = None
 ) -> list[Threshold]:
@@ -679,14 +699,18 @@ def rank_thresholds(
     k == group size gives a threshold above every entry. Groups are the entries sharing all
     non-ranked axes; with several parts the ranked axes must be all but the leading one.
     `sample` bounds the keys sampled (and sorted) over all groups together to place the first
-    pivots; when all groups hold no more, they are sorted whole. `sharded` (default: whether JAX
+    pivots; groups that hold no more in all (and at most 2**14 entries: the sort costs more than
+    the search beyond, but compiles to far less) are sorted whole. `sharded` (default: whether JAX
     sees several devices) avoids every step whose sharded form is not a local reduction plus an
     all-reduce: the sample, running sums, blocks that a device's shard may split. Neither changes
     the result, only the speed.
     """
     groups = _Groups(parts, jax.device_count() > 1 if sharded is None else sharded)
     k = jnp.stack([jnp.broadcast_to(jnp.asarray(r, jnp.int32), groups.shape) for r in ranks])
-    b = _value_search(groups, k, _SAMPLE_BUDGET if sample is None else sample)
+    budget = _SAMPLE_BUDGET if sample is None else sample
+    if not groups.sharded and not groups.multi and groups.size * math.prod(groups.shape) <= min(budget, _SORT_MAX):
+        return _sorted_thresholds(parts[0], groups, k)
+    b = _value_search(groups, k, budget)
     j = jnp.where(k == groups.size, 0, k - b.c_lo)  # entries equal to the value that rank below k
     zeros = [jnp.zeros(k.shape, jnp.int32) for _ in parts]
     search = _index_by_count if groups.sharded else functools.partial(_index_search, lines=b.lines)
