@@ -179,3 +179,23 @@ def test_process_exit_codes(tmp_path, ckpts):
     assert bad.returncode == 2 and bad.stderr.strip().endswith("none: no such file or directory")
     usage = subprocess.run([*cmd, "merge"], capture_output=True, text=True)
     assert usage.returncode == 2
+
+
+def test_merge_keeps_compiled_kernels_across_runs(tmp_path, ckpts):
+    """On one device the CLI keeps its kernels in ~/.cache/breadcrumbs_jax ($XDG_CACHE_HOME), or in
+    $BREADCRUMBS_JAX_CACHE; `off` keeps none. The second run reads them and gives the same bits."""
+    d, _, _ = ckpts
+    config = write_config(tmp_path / "merge.yaml", d)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "BREADCRUMBS_JAX_CACHE")}  # one device
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    cmd = [sys.executable, "-m", "breadcrumbs_jax.cli", "merge", config]
+    for out in ("a", "b"):
+        done = subprocess.run([*cmd, str(tmp_path / out)], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+    cached = sorted(p.name for p in (tmp_path / "xdg" / "breadcrumbs_jax").iterdir())
+    assert cached, "no kernel was cached"
+    assert same_bits(io.load(tmp_path / "a"), io.load(tmp_path / "b"))
+    done = subprocess.run([*cmd, str(tmp_path / "c")], capture_output=True, text=True,
+                          env={**env, "BREADCRUMBS_JAX_CACHE": "off", "XDG_CACHE_HOME": str(tmp_path / "none")})
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "none").exists()

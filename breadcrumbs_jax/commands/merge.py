@@ -58,14 +58,18 @@ def register(subparsers) -> None:
 
 
 def compilation_cache() -> None:
-    """Keep the compiled merge kernels (one per leaf shape, dtype and method) across runs in JAX's
-    persistent cache, in the folder $BREADCRUMBS_JAX_CACHE names (opt-in: jax 0.10.2 crashed writing
-    to it from a process with 8 simulated CPU devices). A cache the user configured for JAX is kept."""
+    """Keep the compiled merge kernels (one per leaf view, dtype and method) across runs in JAX's
+    persistent cache: in the folder $BREADCRUMBS_JAX_CACHE names, by default (on one device: jax
+    0.10.2 crashed writing to it from a process with 8 simulated CPU devices)
+    $XDG_CACHE_HOME/breadcrumbs_jax or ~/.cache/breadcrumbs_jax; none if it is `off`. A cache the
+    user configured for JAX is kept."""
     where = os.environ.get("BREADCRUMBS_JAX_CACHE")
-    if not where or jax.config.jax_compilation_cache_dir:
+    if where is None and jax.device_count() == 1:
+        where = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "breadcrumbs_jax")
+    if not where or where == "off" or jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", where)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def _ints(text: str) -> tuple[int, ...]:
