@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import MergeError
 from .io import LeafInfo, LeafSource, format_for, open_sink, open_source, staged_output
-from .io.base import check_target, empty_aligned
+from .io.base import check_target, empty_aligned, read_into
 from .merge import merge_leaves, warn_empty
 from .methods import Method
 from .paths import SEP
@@ -244,7 +244,7 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
         stack[0] = first
         del first
         for t, m in enumerate(models[1:], 1):
-            stack[t] = m.read(plan.path, index)
+            read_into(m, plan.path, index, stack[t, ...])  # a view even of a 0-d leaf
         return put(base.read(plan.path, index)), put(stack)
 
     bar = None

@@ -49,6 +49,32 @@ def test_read_leaves_reach_the_device_without_a_copy(tmp_path, tree):
             assert jax.device_put(array).unsafe_buffer_pointer() == array.ctypes.data, path
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "msgpack", "orbax"])
+def test_read_into_a_given_array(tmp_path, tree, fmt):
+    """`read_into` fills a slot of the kernel's [T, ...] stack (safetensors and msgpack read
+    straight into it, other sources through a copy)."""
+    from breadcrumbs_jax.io.base import read_into
+
+    io.save(tree, tmp_path / "m", format=fmt)
+    src = io.open_source(tmp_path / "m")
+    assert getattr(src, "reads_into", False) == (fmt != "orbax")
+    for path in src.leaves():
+        want = src.read(path)
+        slot = np.zeros((2, *want.shape), want.dtype)
+        read_into(src, path, None, slot[1, ...])
+        assert not slot[0].any()
+        np.testing.assert_array_equal(slot[1].view(np.uint8), want.view(np.uint8), err_msg=path)
+
+
+def test_read_into_an_array_of_another_shape_names_leaf_and_file(tmp_path, tree):
+    save_file(tree, str(tmp_path / "ref.safetensors"))
+    src = io.open_source(tmp_path / "ref.safetensors")
+    path, info = next((p, i) for p, i in src.leaves().items() if i.size > 1)
+    with pytest.raises(MergeError, match="cannot read") as e:
+        src.read(path, out=np.zeros((info.size + 1,), info.dtype))
+    assert path in str(e.value) and "ref.safetensors" in str(e.value)
+
+
 def test_sharded_folder_round_trip_with_index(tmp_path, tree):
     io.save(tree, tmp_path / "model", format="safetensors", shard_size=700)
     index = json.loads((tmp_path / "model" / INDEX_NAME).read_text())

@@ -59,7 +59,9 @@ class LeafSource(Protocol):
         ...
 
     def read(self, path: str, index: Index | None = None) -> np.ndarray:
-        """One leaf as a host array, or only `index` (a tuple of slices) of it."""
+        """One leaf as a host array, or only `index` (a tuple of slices) of it. A source whose
+        class sets `reads_into = True` also takes `out=`, an array of that shape and dtype to
+        read into (and return)."""
         ...
 
     def close(self) -> None: ...
@@ -99,17 +101,39 @@ def empty_aligned(shape: Sequence[int], dtype) -> np.ndarray:
     return raw[start : start + size].view(dtype).reshape(shape)
 
 
+def read_into(source: LeafSource, path: str, index: Index | None, out: np.ndarray) -> None:
+    """Read a leaf (or `index` of it) into `out`: straight in where the source can, else copied."""
+    if getattr(source, "reads_into", False):
+        source.read(path, index, out=out)
+    else:
+        filled(out, source.read(path, index))
+
+
+def filled(out: np.ndarray | None, array: np.ndarray) -> np.ndarray:
+    """`array`, or `out` holding a copy of it (a source's read into a given array)."""
+    if out is None:
+        return array
+    if out.shape != array.shape or out.dtype != array.dtype:
+        raise ValueError(f"read {array.dtype}{list(array.shape)} into {out.dtype}{list(out.shape)}")
+    out[...] = array
+    return out
+
+
 def read_array(file: str | os.PathLike, offset: int, shape: tuple[int, ...], dtype: str,
-               index: Index | None = None) -> np.ndarray:
-    """An array stored raw (C order) at `offset` of `file`, or only `index` of it. Plain reads,
-    not a lasting memory map, so the file's pages never count towards this process's memory."""
+               index: Index | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """An array stored raw (C order) at `offset` of `file`, or only `index` of it; read straight
+    into `out` if given (C-contiguous, of that shape and dtype). Plain reads, not a lasting memory
+    map, so the file's pages never count towards this process's memory."""
     dtype = np.dtype(dtype)
     if index is not None:  # a transient map: only the pages of the slice are touched
         view = np.memmap(file, dtype, mode="r", offset=offset, shape=shape)
-        out = np.array(view[index])
+        array = filled(out, np.array(view[index]))
         del view
-        return out
-    out = empty_aligned(shape, dtype)
+        return array
+    if out is None:
+        out = empty_aligned(shape, dtype)
+    elif out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"cannot read {dtype}{list(shape)} into {out.dtype}{list(out.shape)}")
     buf = memoryview(out.reshape(-1).view(np.uint8))
     fd = os.open(file, os.O_RDONLY)
     try:

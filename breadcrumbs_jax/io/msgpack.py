@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import MergeError
 from ..paths import SEP
-from .base import Index, LeafInfo, checked, nest, nested_order, read_array
+from .base import Index, LeafInfo, checked, filled, nest, nested_order, read_array
 
 EXT_NDARRAY, EXT_NPSCALAR = 1, 3
 CHUNKED = "__msgpack_chunked_array__"
@@ -150,6 +150,7 @@ class MsgpackSource:
 
     format = "msgpack"
     layout = "flax"
+    reads_into = True
 
     def __init__(self, path: str | os.PathLike):
         self.name = str(path)
@@ -171,16 +172,16 @@ class MsgpackSource:
     def leaves(self) -> dict[str, LeafInfo]:
         return dict(self._infos)
 
-    def read(self, path: str, index: Index | None = None) -> np.ndarray:
+    def read(self, path: str, index: Index | None = None, out: np.ndarray | None = None) -> np.ndarray:
         a = self._arrays[path]
         if not isinstance(a, _Array):  # a plain msgpack number
-            return checked(self, self._infos[path], np.array(a if index is None else a[index]), index)
+            return filled(out, checked(self, self._infos[path], np.array(a if index is None else a[index]), index))
         if len(a.chunks) == 1:
-            array = read_array(self.name, a.chunks[0][0], a.shape, a.dtype, index)
-        else:  # flax's chunks of a flattened array over 2**30 bytes
-            flat = np.concatenate([read_array(self.name, off, (n,), a.dtype) for off, n in a.chunks])
-            array = flat.reshape(a.shape) if index is None else flat.reshape(a.shape)[index].copy()
-        return checked(self, self._infos[path], array, index)
+            return checked(self, self._infos[path], read_array(self.name, a.chunks[0][0], a.shape, a.dtype, index, out), index)
+        # flax's chunks of a flattened array over 2**30 bytes
+        flat = np.concatenate([read_array(self.name, off, (n,), a.dtype) for off, n in a.chunks])
+        array = flat.reshape(a.shape) if index is None else flat.reshape(a.shape)[index].copy()
+        return filled(out, checked(self, self._infos[path], array, index))
 
     def close(self) -> None:
         pass

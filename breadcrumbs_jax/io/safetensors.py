@@ -72,6 +72,7 @@ class SafetensorsSource:
 
     format = "safetensors"
     layout = "torch"
+    reads_into = True
 
     def __init__(self, path: str | os.PathLike):
         self.name = str(path)
@@ -137,10 +138,10 @@ class SafetensorsSource:
             return []
         return sorted(p for p in root.iterdir() if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
 
-    def read(self, path: str, index: Index | None = None) -> np.ndarray:
+    def read(self, path: str, index: Index | None = None, out: np.ndarray | None = None) -> np.ndarray:
         info, file = self._infos[path], self._file_of[path]
         try:
-            array = read_array(file, self._offset[path], info.shape, info.dtype, index)
+            array = read_array(file, self._offset[path], info.shape, info.dtype, index, out)
         except (OSError, ValueError) as e:  # the file changed since its header was read
             raise MergeError(f"unreadable: {e}", leaf=path, source=str(file)) from None
         return checked(self, info, array, index)
