@@ -237,8 +237,9 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
     def load(plan: LeafPlan):
         s = sp.shared.get(plan.path)
         index = None if s is None else s.index("shared")
-        # on the device at once, so no host copy outlives its transfer ('copy' leaves stay on the host)
-        put = (lambda x: x) if plan.action == "copy" else jax.device_put
+        # on the device at once, so no host copy outlives its transfer ('copy' leaves stay on the
+        # host, and on CPU, where the device takes host memory as it is, merge_leaf may view them)
+        put = (lambda x: x) if plan.action == "copy" or jax.default_backend() == "cpu" else jax.device_put
         first = models[0].read(plan.path, index)
         stack = empty_aligned((len(models), *first.shape), first.dtype)  # the kernel takes one [T, ...] stack
         stack[0] = first
