@@ -172,7 +172,7 @@ def merge_leaf(
 def kernel_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The view of a leaf that a `Method.flat` merge takes: (n / m, m), m the smaller of the last two
     dims. Leaves of one size then share one compiled kernel, and the long axis leads (the block
-    reductions run along it: [1024, 2816] merges about 1.3x faster viewed as [2816, 1024])."""
+    reductions run along it: [1024, 2816] merged 1.3x to 1.9x faster as [2816, 1024] in two runs)."""
     if len(shape) < 2 or min(shape[-2:]) == 0:
         return shape
     m = min(shape[-2:])
