@@ -161,7 +161,8 @@ def merge_leaf(
     if plan.method.flat:  # the row axis is unused; host leaves go in as their kernel view
         out_axis = None
         if isinstance(base, np.ndarray) and isinstance(stack, np.ndarray):
-            base, stack = base.reshape(kernel_shape(plan.shape)), stack.reshape((len(stack), *kernel_shape(plan.shape)))
+            view = kernel_shape(plan.shape)
+            base, stack = base.reshape(view), stack.reshape((len(stack), *view))
     merged, stats, finite = _merge_kernel(
         base, stack, jnp.uint32(path_hash(plan.path)), thresholds, method=plan.method, out_axis=out_axis, out_dtype=dtype,
     )

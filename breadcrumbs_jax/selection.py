@@ -249,6 +249,7 @@ class _Groups:
         # of the block plan sums them (the value passes then count the ties per line)
         first = self.plans[0][0] if self.plans[0] else None
         self.line = None if sharded or self.multi or not first or first[0] != min(parts[0].axes) else first[1]
+        self.n_lines = parts[0].values.shape[first[0]] // self.line if self.line else 0
         # extraction keeps one min/max per block at the coarsest level with enough blocks per group,
         # and at least the first (blocks of one entry would make its statistics leaf-sized)
         self.at, self.blocks = [], 0
@@ -487,11 +488,10 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
     zero = jnp.zeros(k.shape, jnp.int32)
     # k == 0: nothing below (value 0, index 0); k == n: everything below (index = size)
     open_, edge = (k > 0) & (k < n), jnp.where(k == 0, 0, KEY_MAX)
-    n_lines = groups.parts[0].values.shape[min(groups.parts[0].axes)] // groups.line if groups.line else 0
     start = _Bracket(
         jnp.where(open_, 0, edge), jnp.where(open_, KEY_MAX, edge),
         jnp.where(open_, 0, k), jnp.where(open_, n, k), (no, zero, zero, zero.astype(jnp.float32)),
-        jnp.zeros(k.shape + (n_lines,), jnp.int32) if groups.line else None, no,
+        jnp.zeros(k.shape + (groups.n_lines,), jnp.int32) if groups.line else None, no,
     )
 
     # the first pass takes its pivots from the sample, later ones interpolate; extract once every
