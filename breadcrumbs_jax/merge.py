@@ -6,11 +6,13 @@ Every merge path (in-memory trees, streaming checkpoints, sharded arrays) goes t
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -100,19 +102,25 @@ def _finite(base, stacked) -> jax.Array:
     return jnp.concatenate([bad(base[None]), bad(stacked)]) == 0
 
 
-@functools.partial(jax.jit, static_argnames=("method", "out_axis", "out_dtype"))
-def _merge_kernel(base, stacked, leaf_hash, thresholds, *, method: Method, out_axis, out_dtype):
-    ctx = LeafContext(out_axis=out_axis, path_hash=leaf_hash, thresholds=thresholds)
+@functools.partial(jax.jit, static_argnames=("method", "out_axis", "out_dtype", "sharded"))
+def _merge_kernel(base, stacked, leaf_hash, thresholds, *, method: Method, out_axis, out_dtype, sharded=None):
+    ctx = LeafContext(out_axis=out_axis, path_hash=leaf_hash, thresholds=thresholds, sharded=sharded)
     state = method(lambda: _stack_tau(base, stacked), ctx)
     merged = (base.astype(jnp.float32) + state.delta).astype(out_dtype)
     return merged, state.stats, _finite(base, stacked)
 
 
-@functools.partial(jax.jit, static_argnames=("selector",))
-def _global_kernel(bases, finetuned, *, selector: MagnitudeBand):
+@functools.partial(jax.jit, static_argnames=("selector", "sharded"))
+def _global_kernel(bases, finetuned, *, selector: MagnitudeBand, sharded: bool):
     taus = [_stack_tau(b, f) for b, f in zip(bases, finetuned)]  # stacks [T, ...] per leaf
     parts = [Part(t, tuple(range(1, t.ndim))) for t in taus]
-    return selector.thresholds(parts, sum(p.size for p in parts))
+    return selector.thresholds(parts, sum(p.size for p in parts), sharded)
+
+
+def spans_devices(*arrays) -> bool:
+    """Whether any of the arrays is split over (or copied to) several devices: a merge then ranks
+    with reductions that shard (`rank_thresholds(sharded=True)`), else with the faster local steps."""
+    return any(isinstance(x, jax.Array) and len(x.sharding.device_set) > 1 for x in arrays)
 
 
 def _raise_not_finite(plan: LeafPlan, finite, names) -> None:
@@ -132,7 +140,8 @@ def global_thresholds(plans: Sequence[LeafPlan], load: Loader) -> dict[str, tupl
     out = {}
     for selector, members in groups.items():
         loaded = [load(p) for p in members]
-        lo, hi = _global_kernel([b for b, _ in loaded], [stack_models(f) for _, f in loaded], selector=selector)
+        bases, stacks = [b for b, _ in loaded], [stack_models(f) for _, f in loaded]
+        lo, hi = _global_kernel(bases, stacks, selector=selector, sharded=spans_devices(*bases, *stacks))
         for i, p in enumerate(members):
             out[p.path] = (Threshold(lo.value, (lo.index[i],)), Threshold(hi.value, (hi.index[i],)))
     return out
@@ -165,6 +174,7 @@ def merge_leaf(
             base, stack = base.reshape(view), stack.reshape((len(stack), *view))
     merged, stats, finite = _merge_kernel(
         base, stack, jnp.uint32(path_hash(plan.path)), thresholds, method=plan.method, out_axis=out_axis, out_dtype=dtype,
+        sharded=spans_devices(base, stack),
     )
     _raise_not_finite(plan, finite, names)
     return merged.reshape(plan.shape), leaf_report(plan, jax.device_get(stats), len(finetuned))
@@ -187,24 +197,48 @@ def merge_leaves(
     names: Sequence[str],
     out_dtype=None,
     progress: bool = False,
+    ahead: int = 0,
 ) -> Iterator[tuple[LeafPlan, jax.Array, LeafReport]]:
     """Merge leaf after leaf: `load(plan)` gives (pre-trained leaf, fine-tuned leaves as a
-    sequence or a [T, ...] stack); yields
-    (plan, merged leaf, report). Holds one leaf of each model at a time (plus all leaves with
-    `global` granularity, whose thresholds need them together)."""
+    sequence or a [T, ...] stack); yields (plan, merged leaf, report). Holds one leaf of each
+    model at a time, plus the `ahead` leaves that a background thread loads meanwhile (and all
+    leaves with `global` granularity, whose thresholds need them together)."""
     thresholds = global_thresholds(plans, load)
     it = plans
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(plans, desc="merging", unit="leaf")
-    for plan in it:
-        base, finetuned = load(plan)
+    for plan, (base, finetuned) in _loaded(it, load, ahead):
         merged, report = merge_leaf(
             plan, base, finetuned, names=names, out_dtype=out_dtype, thresholds=thresholds.get(plan.path)
         )
         del base, finetuned  # free the inputs before the consumer asks for the next leaf
         yield plan, merged, report
+
+
+def _loaded(plans: Iterable[LeafPlan], load: Loader, ahead: int) -> Iterator[tuple[LeafPlan, Any]]:
+    """(plan, load(plan)) in order; with `ahead` > 0, the next `ahead` loads run in a background
+    thread while the caller works on the current leaf (reads overlap the merge)."""
+    if ahead <= 0:
+        yield from ((plan, load(plan)) for plan in plans)
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="breadcrumbs-load")
+    pending: collections.deque = collections.deque()
+
+    def take():  # no reference to a loaded leaf outlives the caller's
+        plan, future = pending.popleft()
+        return plan, future.result()
+
+    try:
+        for plan in plans:
+            pending.append((plan, pool.submit(load, plan)))
+            if len(pending) > ahead:
+                yield take()
+        while pending:
+            yield take()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_structure(base_paths: list[str], other: Any, name: str) -> None:

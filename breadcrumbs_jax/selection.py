@@ -23,10 +23,10 @@ is all that is read of it (a gather that XLA fuses with the part's computation).
 
 Every pass is a reduction over the group's axes (variadic, in blocks of 32 along one axis, then the
 rest: XLA:CPU compiles a reduction fused with elementwise work over many axes to a loop several times
-slower than a pass). In `sharded` mode (the default when JAX sees several devices) every
-data-dependent step is a local reduction plus a small all-reduce: the block counts divide by the
-device count, there is no sample, and the index threshold is found by the same counting search on
-the positions of the tied entries. A group may span several arrays ("parts", e.g. all leaves of a
+slower than a pass). In `sharded` mode (the default when JAX sees several devices; a merge uses
+it when a leaf spans several) every data-dependent step is a local reduction plus a small
+all-reduce: the block counts divide by the device count, there is no sample, and the index
+threshold is found by the same counting search on the positions of the tied entries. A group may span several arrays ("parts", e.g. all leaves of a
 task vector for `global` granularity); ties are then ordered by part, then by flat index in the part.
 """
 

@@ -30,11 +30,13 @@ GRANULARITIES = ("tensor", "row", "global")
 @dataclasses.dataclass(frozen=True)
 class LeafContext:
     """Per-leaf facts a step may use: row axis (of the leaf, without the task axis),
-    a stable hash of the leaf path (seeds DARE), precomputed global thresholds."""
+    a stable hash of the leaf path (seeds DARE), precomputed global thresholds, and whether the
+    leaf spans several devices (None: whether JAX sees several; see `rank_thresholds`)."""
 
     out_axis: int | None = None
     path_hash: jax.Array | None = None
     thresholds: tuple[Threshold, Threshold] | None = None
+    sharded: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,17 +111,17 @@ class MagnitudeBand:
             raise MergeError(f"{len(self.band)} per-task bands given for {tasks} task vectors")
         return [b.counts(n) for b in self.band]
 
-    def thresholds(self, parts: list[Part], n: int) -> tuple[Threshold, Threshold]:
+    def thresholds(self, parts: list[Part], n: int, sharded: bool | None = None) -> tuple[Threshold, Threshold]:
         if isinstance(self.band, Band):
             n_bot, n_keep, _ = self.band.counts(n)
-            return tuple(rank_thresholds(parts, [n_bot, n_bot + n_keep]))
+            return tuple(rank_thresholds(parts, [n_bot, n_bot + n_keep], sharded=sharded))
         tasks = parts[0].keys.shape[0]
         counts = self._counts(tasks, n)
         # per-task ranks broadcast against the group shape: [T] for several parts, [T, 1, ...] for one
         shape = (tasks,) + (1,) * (0 if len(parts) > 1 else parts[0].keys.ndim - 1)
         lo = jnp.asarray([c[0] for c in counts], jnp.int32).reshape(shape)
         hi = jnp.asarray([c[0] + c[1] for c in counts], jnp.int32).reshape(shape)
-        return tuple(rank_thresholds(parts, [lo, hi]))
+        return tuple(rank_thresholds(parts, [lo, hi], sharded=sharded))
 
     def _select(self, tau: jax.Array | Callable[[], jax.Array], ctx: LeafContext) -> tuple[Part, Threshold, Threshold]:
         ndim = jnp.ndim(evaluate(tau))
@@ -128,7 +130,7 @@ class MagnitudeBand:
             if ctx.thresholds is None:
                 raise ValueError("global granularity needs thresholds computed over all leaves")
             return part, *ctx.thresholds
-        return part, *self.thresholds([part], part.size)
+        return part, *self.thresholds([part], part.size, ctx.sharded)
 
     def mask(
         self, tau: jax.Array | Callable[[], jax.Array], ctx: LeafContext = LeafContext()

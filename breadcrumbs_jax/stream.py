@@ -2,8 +2,9 @@
 
 For each leaf the pre-trained and the T fine-tuned checkpoints are read, the leaf is merged
 by `merge_leaves` (the same driver as the in-memory `merge`, hence the same bits) and written
-to the output at once, then freed. Peak memory is about (T + 2) leaves plus the merge's
-temporaries ([T, ...] float32 task vectors) and a constant, not T models. `global`
+to the output at once, then freed; the next leaf is read meanwhile, in a background thread.
+Peak memory is about 2 (T + 1) + 1 leaves (this leaf's inputs, the next leaf's, the output)
+plus the kernel's scratch and a constant, not T models. `global`
 granularity is the exception: its thresholds need every leaf it covers, of every model, in
 memory at once.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -233,8 +235,13 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
     plan_of = {p.path: p for p in sp.plans}
     plans = [plan_of[p] for p in sink.order]
     out_infos = {o.path: o for o in sp.outputs}
+    reading = threading.Lock()  # the next leaf loads in a background thread: one reader at a time
 
     def load(plan: LeafPlan):
+        with reading:
+            return read_leaf(plan)
+
+    def read_leaf(plan: LeafPlan):
         s = sp.shared.get(plan.path)
         index = None if s is None else s.index("shared")
         # on the device at once, so no host copy outlives its transfer ('copy' leaves stay on the
@@ -256,12 +263,13 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True)
     reports = []
     try:
-        for k, (plan, merged, report) in enumerate(merge_leaves(plans, load, names=sp.names, out_dtype=out_dtype)):
+        for k, (plan, merged, report) in enumerate(merge_leaves(plans, load, names=sp.names, out_dtype=out_dtype, ahead=1)):
             array = np.asarray(merged)
             del merged
             s = sp.shared.get(plan.path)
             if s is not None and s.rows < s.full_shape[s.axis]:
-                tail = base.read(plan.path, s.index("rest")).astype(array.dtype)
+                with reading:
+                    tail = base.read(plan.path, s.index("rest")).astype(array.dtype)
                 array = np.concatenate([array, tail], axis=s.axis)
             if str(array.dtype) != out_infos[plan.path].dtype:
                 raise RuntimeError(f"{plan.path}: merged to {array.dtype}, planned {out_infos[plan.path].dtype}")

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import breadcrumbs_jax as bj
-from breadcrumbs_jax.merge import _global_kernel, _merge_kernel, global_thresholds, plan_for, stack_models
+from breadcrumbs_jax.merge import _global_kernel, _merge_kernel, global_thresholds, plan_for, spans_devices, stack_models
 from breadcrumbs_jax.sharding import (
     ShardRule,
     default_spec,
@@ -182,11 +182,13 @@ def test_sharded_program_never_gathers_a_leaf(name, spec):
     assert len(sharding.device_set) == 8 and not sharding.is_fully_replicated
     put = lambda x: jax.device_put(x["w"], sharding)  # noqa: E731
     b, f = put(base), stack_models([put(x) for x in fts])
+    assert spans_devices(b, f)  # so merge_leaf compiles the sharded program, as here
     if method.granularity == "global":
-        compiled = _global_kernel.lower([b], [f], selector=method.selector).compile()
+        compiled = _global_kernel.lower([b], [f], selector=method.selector, sharded=True).compile()
     else:
         compiled = _merge_kernel.lower(
-            b, f, jnp.uint32(path_hash("w")), None, method=method, out_axis=plan.out_axis, out_dtype=np.dtype("float32")
+            b, f, jnp.uint32(path_hash("w")), None, method=method, out_axis=plan.out_axis, out_dtype=np.dtype("float32"),
+            sharded=True,
         ).compile()
     ops = collectives(compiled.as_text())
     assert [op for op, _ in ops if op != "all-reduce"] == []
@@ -302,3 +304,18 @@ def test_input_shardings_do_not_matter():
     got = merge_sharded(jax.device_put(base, other), moved, method, mesh=mesh_of("8"))
     for k in SWEEP:
         assert np.array_equal(bits(got.params[k]), bits(want.params[k]))
+
+
+def test_only_leaves_that_span_devices_take_the_sharded_program():
+    """With 8 devices visible, a leaf on one device ranks with the local steps (sample, sort of
+    small groups), a leaf split or copied over devices with the sharded ones."""
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    assert not spans_devices(x, jax.device_put(x, CPU[3]), 1.0)
+    assert spans_devices(x, jax.device_put(x, NamedSharding(mesh_of("2"), P("x"))))
+    assert spans_devices(jax.device_put(x, NamedSharding(mesh_of("2"), P())))  # copied to both
+    base, fts = models({"w": (64, 40)})
+    (plan,) = plan_for(base, METHODS["breadcrumbs/tensor"])
+    args = (base["w"], stack_models([f["w"] for f in fts]), jnp.uint32(0), None)
+    kw = dict(method=plan.method, out_axis=plan.out_axis, out_dtype=np.dtype("float32"))
+    local, sharded = (_merge_kernel.lower(*args, **kw, sharded=s).compile().as_text() for s in (False, True))
+    assert " sort(" in local and " sort(" not in sharded  # the local program sorts its sample

@@ -1,10 +1,12 @@
 import json
+import threading
 
 import numpy as np
 import pytest
 
 import breadcrumbs_jax as bj
 from breadcrumbs_jax import MergeError, io
+from breadcrumbs_jax.merge import _loaded
 from breadcrumbs_jax.stream import dry_run_checkpoints, merge_checkpoints
 
 from tests.ckpt_factory import HF_SHAPES, models, same_bits
@@ -82,7 +84,7 @@ class Recorder:
         self.source.close()
 
 
-def test_each_leaf_is_read_merged_and_written_before_the_next(tmp_path, written, monkeypatch):
+def test_the_next_leaf_is_read_while_this_one_merges_and_no_further(tmp_path, written, monkeypatch):
     _, _, b, ms = written
     events = []
     original = io.safetensors.SafetensorsSink.write
@@ -90,10 +92,33 @@ def test_each_leaf_is_read_merged_and_written_before_the_next(tmp_path, written,
                         lambda self, path, array: (events.append(("write", path)), original(self, path, array)))
     sources = [Recorder(io.open_source(p), events) for p in (b, *ms)]
     merge_checkpoints(sources[0], sources[1:], tmp_path / "out.safetensors", BC)
-    leaves = list(dict.fromkeys(p for _, p in events))
-    for i, leaf in enumerate(leaves):  # reads of leaf i (one per model), then its write, then leaf i + 1
-        assert events[i * 5 : (i + 1) * 5] == [("read", leaf)] * 4 + [("write", leaf)]
-    assert len(events) == 5 * len(leaves)
+    writes = [p for e, p in events if e == "write"]
+    assert sorted(writes) == sorted(io.open_source(b).leaves()) and len(events) == 5 * len(writes)
+    at = {e: i for i, e in enumerate(events)}
+    for i, leaf in enumerate(writes):
+        reads = [j for j, e in enumerate(events) if e == ("read", leaf)]
+        assert len(reads) == 4 and max(reads) < at[("write", leaf)]  # one read per model, then the write
+        if i >= 2:  # leaf i is read only once leaf i - 2 is written: at most one leaf ahead
+            assert min(reads) > at[("write", writes[i - 2])]
+
+
+def test_loads_run_one_ahead_in_a_background_thread_and_arrive_in_order():
+    started = [threading.Event() for _ in range(4)]
+
+    def load(i):
+        started[i].set()
+        if i == 2:
+            raise MergeError("unreadable", leaf=str(i))
+        return i, [i]
+
+    it = _loaded(range(4), load, ahead=1)
+    assert next(it) == (0, (0, [0]))
+    assert started[1].wait(30)  # leaf 1 loads while the caller holds leaf 0 ...
+    assert not started[2].is_set()  # ... and leaf 2 not yet
+    assert next(it) == (1, (1, [1]))
+    with pytest.raises(MergeError, match="unreadable"):  # leaf 2's error, in its turn
+        next(it)
+    assert [x for x, _ in _loaded(range(5), lambda i: (i, [i]), ahead=0)] == list(range(5))
 
 
 def test_report_json_and_no_overwrite_without_permission(tmp_path, written):
