@@ -94,9 +94,12 @@ def run(cmd: list[str], env=None) -> tuple[float, float, str]:
 def child_ours(config: str, out: str, times: str) -> None:
     """The CLI merge, with the time inside SafetensorsSource.read / SafetensorsSink.write counted,
     and the time the merge waited for its reads (they run in a background thread)."""
+    import importlib
+
     from breadcrumbs_jax import cli
-    from breadcrumbs_jax import merge as merge_mod
     from breadcrumbs_jax.io import safetensors as st
+
+    merge_mod = importlib.import_module("breadcrumbs_jax.merge")  # the package exports a function `merge`
 
     spent = {"read": 0.0, "write": 0.0, "wait": 0.0}
     loaded = merge_mod._loaded

@@ -53,6 +53,7 @@ _FEW = 0.1  # extract when a bracket holds at most this many entries per block
 _BIAS = 0.003  # extra half-width of an interpolated bracket, as a share of its entries (curvature)
 _BIG = 2.0**30
 _SPREAD = 2.5  # half-width of a sampled bracket, in standard deviations of the sample's rank
+_NEAR = 0.35  # ... and of the pivots where sample keys repeat (fewest passes on bf16 differences)
 
 
 def magnitude_keys(x: jax.Array) -> jax.Array:
@@ -326,20 +327,26 @@ def _sample(groups: _Groups, budget: int) -> jax.Array:
     return jnp.sort(jnp.concatenate(pieces, axis=-1), axis=-1)
 
 
-def _sample_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Sample keys that bracket rank k inside [lo, hi], where the rank of the target among the sample
-    points in [lo, hi] is expected +- 2.5 standard deviations; the bracket's own end where the sample
-    runs out. Also the share of the bracket's entries expected between them."""
+def _sample_position(sample: jax.Array, b: _Bracket, k: jax.Array):
+    """The sample against each target ([targets, *groups, S]), the position of its first key in
+    [lo, hi] and how many it holds there, the target's expected position among all the sample's keys
+    and its standard deviation, and a function picking keys by position."""
     s = sample.shape[-1]
-    if s == 0:
-        return b.lo, b.hi, jnp.ones(k.shape, jnp.float32)
     sample = jnp.broadcast_to(sample, k.shape + (s,))
     first = jnp.sum(sample < b.lo[..., None], axis=-1, dtype=jnp.int32)
     m = jnp.sum(sample <= b.hi[..., None], axis=-1, dtype=jnp.int32) - first
     f = ((k - b.c_lo).astype(jnp.float32) + 0.5) / jnp.maximum(b.c_hi - b.c_lo, 1).astype(jnp.float32)
-    pos = first + f * m - 0.5
-    sd = jnp.sqrt(m * f * (1 - f))
     pick = lambda i: jnp.take_along_axis(sample, jnp.clip(i, 0, s - 1)[..., None], axis=-1)[..., 0]  # noqa: E731
+    return sample, first, m, first + f * m - 0.5, jnp.sqrt(m * f * (1 - f)), pick
+
+
+def _sample_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sample keys that bracket rank k inside [lo, hi], where the rank of the target among the sample
+    points in [lo, hi] is expected +- 2.5 standard deviations; the bracket's own end where the sample
+    runs out. Also the share of the bracket's entries expected between them."""
+    if sample.shape[-1] == 0:
+        return b.lo, b.hi, jnp.ones(k.shape, jnp.float32)
+    sample, first, m, pos, sd, pick = _sample_position(sample, b, k)
     i_lo, i_hi = jnp.floor(pos - _SPREAD * sd - 1).astype(jnp.int32), jnp.ceil(pos + _SPREAD * sd + 1).astype(jnp.int32)
     share = (jnp.minimum(i_hi, first + m) - jnp.maximum(i_lo, first) + 1) / jnp.maximum(m, 1)
     s_lo = jnp.where(i_lo < first, b.lo, pick(i_lo))
@@ -351,11 +358,30 @@ def _sample_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Ar
     return jnp.where(run, pick(j_lo), s_lo), jnp.where(run, pick(j_lo), s_hi), share
 
 
+def _near_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The sample keys `_NEAR` standard deviations either side of the target's expected position
+    in [lo, hi] (the bracket's ends where the sample runs out), and whether the sample's keys there
+    repeat, on average at least twice. They do where the keys lie on a coarse lattice with runs of
+    ties at its points, as differences of bf16 weights do: pivots interpolated between keys then
+    miss the runs, while these land on them."""
+    if sample.shape[-1] == 0:
+        return b.lo, b.hi, jnp.zeros(k.shape, bool)
+    sample, first, m, pos, sd, pick = _sample_position(sample, b, k)
+    i = jnp.arange(sample.shape[-1])
+    new = jnp.concatenate([jnp.ones_like(sample[..., :1], bool), sample[..., 1:] != sample[..., :-1]], axis=-1)
+    distinct = jnp.sum(new & (i >= first[..., None]) & (i < (first + m)[..., None]), axis=-1)
+    j_lo, j_hi = jnp.floor(pos - _NEAR * sd).astype(jnp.int32), jnp.ceil(pos + _NEAR * sd).astype(jnp.int32)
+    n_lo = jnp.where(j_lo < first, b.lo, pick(j_lo))
+    n_hi = jnp.where(j_hi >= first + m, b.hi, pick(j_hi))
+    return n_lo, n_hi, (m > 0) & (distinct * 2 <= m)
+
+
 def _interp_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ...]:
-    """Pivots for the next pass: the hint if there is one; else around the key where rank k is
-    expected if the keys in [lo, hi] were evenly spread, when that agrees with the sample (it does
-    not where keys cluster, as runs of ties do), and the sample's bracket when not. Also the
-    expected number of entries between them, and whether the bracket could not be narrowed."""
+    """Pivots for the next pass: the hint if there is one; else, where the sample's keys repeat,
+    sample keys close to the target (`_near_pivots`); else around the key where rank k is expected
+    if the keys in [lo, hi] were evenly spread, when that agrees with the sample (it does not where
+    keys cluster), and the sample's bracket when not. Also the expected number of entries between
+    them, and whether the bracket could not be narrowed."""
     r = jnp.maximum(b.c_hi - b.c_lo, 1).astype(jnp.float32)
     width = (b.hi - b.lo).astype(jnp.float32) + 1.0
     off = jnp.floor(((k - b.c_lo).astype(jnp.float32) + 0.5) / r * width)
@@ -371,10 +397,11 @@ def _interp_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Ar
     seen, due = inside(p_lo, p_hi).astype(jnp.float32), m_s * expected / r
     agree = (s_lo <= p_lo) & (p_hi <= s_hi) & ((due < 8) | (seen * 4 > due)) & (s_lo < s_hi)
     linear = agree | ((s_lo == b.lo) & (s_hi == b.hi))  # or the sample is no help
+    n_lo, n_hi, lumpy = _near_pivots(sample, b, k)
+    p_lo, p_hi = jnp.where(lumpy, n_lo, jnp.where(linear, p_lo, s_lo)), jnp.where(lumpy, n_hi, jnp.where(linear, p_hi, s_hi))
+    expected = jnp.where(lumpy, inside(n_lo, n_hi) / jnp.maximum(m_s, 1) * r, jnp.where(linear, expected, share * r))
     has, h_lo, h_hi, h_n = b.hint
-    p_lo = jnp.where(has, h_lo, jnp.where(linear, p_lo, s_lo))
-    p_hi = jnp.where(has, h_hi, jnp.where(linear, p_hi, s_hi))
-    expected = jnp.where(has, h_n, jnp.where(linear, expected, share * r))
+    p_lo, p_hi, expected = jnp.where(has, h_lo, p_lo), jnp.where(has, h_hi, p_hi), jnp.where(has, h_n, expected)
     # pivots inside the bracket, in order: then every pass narrows it (or resolves it)
     p_lo = jnp.clip(p_lo, b.lo, b.hi)
     p_hi = jnp.clip(p_hi, p_lo, b.hi)
