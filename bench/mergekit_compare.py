@@ -233,6 +233,11 @@ def main():
         kind, *rest = args.child
         if kind == "ours":
             child_ours(*rest)
+        elif kind == "compare":  # in a child, so that the parent's RSS stays small: Linux counts a
+            # forked child's peak RSS from its parent's (ru_maxrss outlives exec)
+            ours, theirs, base, *fts, tasks, out = rest
+            result = compare(Path(ours), Path(theirs), Path(base), [Path(f) for f in fts], weights(int(tasks)))
+            Path(out).write_text(json.dumps(result))
         else:
             child_io(rest[0], rest[1:-2], rest[-2], rest[-1])
         return
@@ -303,7 +308,9 @@ def main():
             i = sp["io"]
             print(f"  io floor split: read {i['read']:.1f} s, write {i['write']:.1f} s")
             if have_mk:
-                c = compare(out_ours, out_mk, base, fts, weights(tasks))
+                found = work / "compare.json"
+                run(me + ["compare", str(out_ours), str(out_mk), str(base), *map(str, fts), str(tasks), str(found)], env)
+                c = json.loads(found.read_text())
                 print(f"  outputs: max |ours - mergekit| = {c['max_abs_diff']:.3g}; of {c['entries']} entries "
                       f"{c['rounding']} differ within the rounding of the sum, {c['differ']} by more "
                       f"({c['differ'] / c['entries']:.2e}: kept by one tool only), {c['not_at_ties']} of these "

@@ -26,8 +26,9 @@ rest: XLA:CPU compiles a reduction fused with elementwise work over many axes to
 slower than a pass). In `sharded` mode (the default when JAX sees several devices; a merge uses
 it when a leaf spans several) every data-dependent step is a local reduction plus a small
 all-reduce: the block counts divide by the device count, there is no sample, and the index
-threshold is found by the same counting search on the positions of the tied entries. A group may span several arrays ("parts", e.g. all leaves of a
-task vector for `global` granularity); ties are then ordered by part, then by flat index in the part.
+threshold is found by the same counting search on the positions of the tied entries. A group may
+span several arrays ("parts", e.g. all leaves of a task vector for `global` granularity); ties are
+then ordered by part, then by flat index in the part.
 """
 
 from __future__ import annotations
@@ -397,9 +398,10 @@ def _interp_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Ar
     seen, due = inside(p_lo, p_hi).astype(jnp.float32), m_s * expected / r
     agree = (s_lo <= p_lo) & (p_hi <= s_hi) & ((due < 8) | (seen * 4 > due)) & (s_lo < s_hi)
     linear = agree | ((s_lo == b.lo) & (s_hi == b.hi))  # or the sample is no help
+    p_lo, p_hi, expected = (jnp.where(linear, x, y) for x, y in ((p_lo, s_lo), (p_hi, s_hi), (expected, share * r)))
     n_lo, n_hi, lumpy = _near_pivots(sample, b, k)
-    p_lo, p_hi = jnp.where(lumpy, n_lo, jnp.where(linear, p_lo, s_lo)), jnp.where(lumpy, n_hi, jnp.where(linear, p_hi, s_hi))
-    expected = jnp.where(lumpy, inside(n_lo, n_hi) / jnp.maximum(m_s, 1) * r, jnp.where(linear, expected, share * r))
+    expected = jnp.where(lumpy, inside(n_lo, n_hi) / jnp.maximum(m_s, 1) * r, expected)
+    p_lo, p_hi = jnp.where(lumpy, n_lo, p_lo), jnp.where(lumpy, n_hi, p_hi)
     has, h_lo, h_hi, h_n = b.hint
     p_lo, p_hi, expected = jnp.where(has, h_lo, p_lo), jnp.where(has, h_hi, p_hi), jnp.where(has, h_n, expected)
     # pivots inside the bracket, in order: then every pass narrows it (or resolves it)
