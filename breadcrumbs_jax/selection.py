@@ -328,26 +328,47 @@ def _sample(groups: _Groups, budget: int) -> jax.Array:
     return jnp.sort(jnp.concatenate(pieces, axis=-1), axis=-1)
 
 
-def _sample_position(sample: jax.Array, b: _Bracket, k: jax.Array):
-    """The sample against each target ([targets, *groups, S]), the position of its first key in
-    [lo, hi] and how many it holds there, the target's expected position among all the sample's keys
-    and its standard deviation, and a function picking keys by position."""
-    s = sample.shape[-1]
-    sample = jnp.broadcast_to(sample, k.shape + (s,))
-    first = jnp.sum(sample < b.lo[..., None], axis=-1, dtype=jnp.int32)
-    m = jnp.sum(sample <= b.hi[..., None], axis=-1, dtype=jnp.int32) - first
+@dataclasses.dataclass(frozen=True)
+class _Sample:
+    """A sorted sample of every group (`keys`, [*groups, S]) and the number of distinct keys up to
+    each of its positions (`distinct`), both fixed for a whole search."""
+
+    keys: jax.Array
+    distinct: jax.Array
+
+    @classmethod
+    def of(cls, keys: jax.Array) -> _Sample:
+        new = jnp.concatenate([jnp.ones_like(keys[..., :1], bool), keys[..., 1:] != keys[..., :-1]], axis=-1)
+        return cls(keys, jnp.cumsum(new, axis=-1, dtype=jnp.int32))
+
+
+def _pick(x: jax.Array, i: jax.Array) -> jax.Array:
+    """x[..., i] of a [*groups, S] sample array at positions i ([targets, *groups]; clipped to it)."""
+    x = jnp.broadcast_to(x, i.shape + x.shape[-1:])
+    return jnp.take_along_axis(x, jnp.clip(i, 0, x.shape[-1] - 1)[..., None], axis=-1)[..., 0]
+
+
+def _position(sample: _Sample, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ...] | None:
+    """Where each target stands in the sample: the position of its first key in [lo, hi] and how
+    many keys it holds there, the target's expected position among all the keys and its standard
+    deviation. None for an empty sample."""
+    keys = sample.keys
+    if keys.shape[-1] == 0:
+        return None
+    first = jnp.sum(keys < b.lo[..., None], axis=-1, dtype=jnp.int32)
+    m = jnp.sum(keys <= b.hi[..., None], axis=-1, dtype=jnp.int32) - first
     f = ((k - b.c_lo).astype(jnp.float32) + 0.5) / jnp.maximum(b.c_hi - b.c_lo, 1).astype(jnp.float32)
-    pick = lambda i: jnp.take_along_axis(sample, jnp.clip(i, 0, s - 1)[..., None], axis=-1)[..., 0]  # noqa: E731
-    return sample, first, m, first + f * m - 0.5, jnp.sqrt(m * f * (1 - f)), pick
+    return first, m, first + f * m - 0.5, jnp.sqrt(m * f * (1 - f))
 
 
-def _sample_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Sample keys that bracket rank k inside [lo, hi], where the rank of the target among the sample
-    points in [lo, hi] is expected +- 2.5 standard deviations; the bracket's own end where the sample
-    runs out. Also the share of the bracket's entries expected between them."""
-    if sample.shape[-1] == 0:
-        return b.lo, b.hi, jnp.ones(k.shape, jnp.float32)
-    sample, first, m, pos, sd, pick = _sample_position(sample, b, k)
+def _sample_pivots(sample: _Sample, at, b: _Bracket) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sample keys that bracket the target (`at`: its `_position`) inside [lo, hi], where its rank
+    among the sample points in [lo, hi] is expected +- 2.5 standard deviations; the bracket's own
+    end where the sample runs out. Also the share of the bracket's entries expected between them."""
+    if at is None:
+        return b.lo, b.hi, jnp.ones(b.lo.shape, jnp.float32)
+    first, m, pos, sd = at
+    pick = functools.partial(_pick, sample.keys)
     i_lo, i_hi = jnp.floor(pos - _SPREAD * sd - 1).astype(jnp.int32), jnp.ceil(pos + _SPREAD * sd + 1).astype(jnp.int32)
     share = (jnp.minimum(i_hi, first + m) - jnp.maximum(i_lo, first) + 1) / jnp.maximum(m, 1)
     s_lo = jnp.where(i_lo < first, b.lo, pick(i_lo))
@@ -359,25 +380,23 @@ def _sample_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Ar
     return jnp.where(run, pick(j_lo), s_lo), jnp.where(run, pick(j_lo), s_hi), share
 
 
-def _near_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _near_pivots(sample: _Sample, at, b: _Bracket) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The sample keys `_NEAR` standard deviations either side of the target's expected position
     in [lo, hi] (the bracket's ends where the sample runs out), and whether the sample's keys there
     repeat, on average at least twice. They do where the keys lie on a coarse lattice with runs of
     ties at its points, as differences of bf16 weights do: pivots interpolated between keys then
     miss the runs, while these land on them."""
-    if sample.shape[-1] == 0:
-        return b.lo, b.hi, jnp.zeros(k.shape, bool)
-    sample, first, m, pos, sd, pick = _sample_position(sample, b, k)
-    i = jnp.arange(sample.shape[-1])
-    new = jnp.concatenate([jnp.ones_like(sample[..., :1], bool), sample[..., 1:] != sample[..., :-1]], axis=-1)
-    distinct = jnp.sum(new & (i >= first[..., None]) & (i < (first + m)[..., None]), axis=-1)
+    if at is None:
+        return b.lo, b.hi, jnp.zeros(b.lo.shape, bool)
+    first, m, pos, sd = at
+    distinct = _pick(sample.distinct, first + m - 1) - _pick(sample.distinct, first) + 1
     j_lo, j_hi = jnp.floor(pos - _NEAR * sd).astype(jnp.int32), jnp.ceil(pos + _NEAR * sd).astype(jnp.int32)
-    n_lo = jnp.where(j_lo < first, b.lo, pick(j_lo))
-    n_hi = jnp.where(j_hi >= first + m, b.hi, pick(j_hi))
+    n_lo = jnp.where(j_lo < first, b.lo, _pick(sample.keys, j_lo))
+    n_hi = jnp.where(j_hi >= first + m, b.hi, _pick(sample.keys, j_hi))
     return n_lo, n_hi, (m > 0) & (distinct * 2 <= m)
 
 
-def _interp_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ...]:
+def _interp_pivots(sample: _Sample, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ...]:
     """Pivots for the next pass: the hint if there is one; else, where the sample's keys repeat,
     sample keys close to the target (`_near_pivots`); else around the key where rank k is expected
     if the keys in [lo, hi] were evenly spread, when that agrees with the sample (it does not where
@@ -392,14 +411,16 @@ def _interp_pivots(sample: jax.Array, b: _Bracket, k: jax.Array) -> tuple[jax.Ar
     p_lo = jnp.where(center - b.lo <= mk, b.lo, center - mk)
     p_hi = jnp.where(b.hi - center <= mk, b.hi, center + mk)
     expected = jnp.minimum(r, 2 * m + 1)
-    s_lo, s_hi, share = _sample_pivots(sample, b, k)
-    inside = lambda lo, hi: jnp.sum((sample >= lo[..., None]) & (sample <= hi[..., None]), axis=-1)  # noqa: E731
+    at = _position(sample, b, k)
+    s_lo, s_hi, share = _sample_pivots(sample, at, b)
+    keys = sample.keys
+    inside = lambda lo, hi: jnp.sum((keys >= lo[..., None]) & (keys <= hi[..., None]), axis=-1)  # noqa: E731
     m_s = inside(b.lo, b.hi).astype(jnp.float32)
     seen, due = inside(p_lo, p_hi).astype(jnp.float32), m_s * expected / r
     agree = (s_lo <= p_lo) & (p_hi <= s_hi) & ((due < 8) | (seen * 4 > due)) & (s_lo < s_hi)
     linear = agree | ((s_lo == b.lo) & (s_hi == b.hi))  # or the sample is no help
     p_lo, p_hi, expected = (jnp.where(linear, x, y) for x, y in ((p_lo, s_lo), (p_hi, s_hi), (expected, share * r)))
-    n_lo, n_hi, lumpy = _near_pivots(sample, b, k)
+    n_lo, n_hi, lumpy = _near_pivots(sample, at, b)
     expected = jnp.where(lumpy, inside(n_lo, n_hi) / jnp.maximum(m_s, 1) * r, expected)
     p_lo, p_hi = jnp.where(lumpy, n_lo, p_lo), jnp.where(lumpy, n_hi, p_hi)
     has, h_lo, h_hi, h_n = b.hint
@@ -525,12 +546,11 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
 
     # the first pass takes its pivots from the sample, later ones interpolate; extract once every
     # open bracket holds (or is expected to hold) few entries
-    sample = _sample(groups, budget)
-    if sample.shape[-1] == n:  # the sample is the group: its k-th key is the value
-        v = jnp.take_along_axis(jnp.broadcast_to(sample, k.shape + (n,)), jnp.minimum(k, n - 1)[..., None], axis=-1)[..., 0]
-        s_lo = s_hi = v
+    sample = _Sample.of(_sample(groups, budget))
+    if sample.keys.shape[-1] == n:  # the sample is the group: its k-th key is the value
+        s_lo = s_hi = _pick(sample.keys, jnp.minimum(k, n - 1))
     else:
-        s_lo, s_hi, _ = _sample_pivots(sample, start, k)
+        s_lo, s_hi, _ = _sample_pivots(sample, _position(sample, start, k), start)
     start = start.replace(hint=(open_, s_lo, s_hi, jnp.full(k.shape, jnp.inf)))
     few = n if not any(groups.at) else max(2.0, _FEW * groups.blocks)  # blocks of one entry are always complete
 

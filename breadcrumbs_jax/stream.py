@@ -247,11 +247,8 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
         # on the device at once, so no host copy outlives its transfer ('copy' leaves stay on the
         # host, and on CPU, where the device takes host memory as it is, merge_leaf may view them)
         put = (lambda x: x) if plan.action == "copy" or jax.default_backend() == "cpu" else jax.device_put
-        first = models[0].read(plan.path, index)
-        stack = empty_aligned((len(models), *first.shape), first.dtype)  # the kernel takes one [T, ...] stack
-        stack[0] = first
-        del first
-        for t, m in enumerate(models[1:], 1):
+        stack = empty_aligned((len(models), *plan.shape), plan.dtype)  # the kernel takes one [T, ...] stack
+        for t, m in enumerate(models):
             read_into(m, plan.path, index, stack[t, ...])  # a view even of a 0-d leaf
         return put(base.read(plan.path, index)), put(stack)
 
