@@ -7,11 +7,13 @@ Every merge path (in-memory trees, streaming checkpoints, sharded arrays) goes t
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -165,19 +167,22 @@ def merge_leaf(
     if plan.action != "merge":  # kept as given (no device copy, no x64 truncation); 'base' takes out_dtype
         out = base if plan.action == "copy" or out_dtype is None else base.astype(out_dtype)
         return out, leaf_report(plan, None, len(finetuned))
-    dtype = jax.dtypes.canonicalize_dtype(out_dtype if out_dtype is not None else plan.dtype)
-    stack, out_axis = stack_models(finetuned), plan.out_axis
-    if plan.method.flat:  # the row axis is unused; host leaves go in as their kernel view
-        out_axis = None
-        if isinstance(base, np.ndarray) and isinstance(stack, np.ndarray):
-            view = kernel_shape(plan.shape)
-            base, stack = base.reshape(view), stack.reshape((len(stack), *view))
+    stack = stack_models(finetuned)
+    if plan.method.flat and isinstance(base, np.ndarray) and isinstance(stack, np.ndarray):
+        view = kernel_shape(plan.shape)  # host leaves go in as their kernel view
+        base, stack = base.reshape(view), stack.reshape((len(stack), *view))
     merged, stats, finite = _merge_kernel(
-        base, stack, jnp.uint32(path_hash(plan.path)), thresholds, method=plan.method, out_axis=out_axis, out_dtype=dtype,
-        sharded=spans_devices(base, stack),
+        base, stack, jnp.uint32(path_hash(plan.path)), thresholds, **_kernel_options(plan, out_dtype, spans_devices(base, stack))
     )
     _raise_not_finite(plan, finite, names)
     return merged.reshape(plan.shape), leaf_report(plan, jax.device_get(stats), len(finetuned))
+
+
+def _kernel_options(plan: LeafPlan, out_dtype, sharded: bool) -> dict:
+    """The static arguments of a leaf's `_merge_kernel` (a flat method does not use the row axis)."""
+    dtype = jax.dtypes.canonicalize_dtype(out_dtype if out_dtype is not None else plan.dtype)
+    out_axis = None if plan.method.flat else plan.out_axis
+    return dict(method=plan.method, out_axis=out_axis, out_dtype=dtype, sharded=sharded)
 
 
 def kernel_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -198,23 +203,62 @@ def merge_leaves(
     out_dtype=None,
     progress: bool = False,
     ahead: int = 0,
+    compile_ahead: bool = False,
 ) -> Iterator[tuple[LeafPlan, jax.Array, LeafReport]]:
     """Merge leaf after leaf: `load(plan)` gives (pre-trained leaf, fine-tuned leaves as a
     sequence or a [T, ...] stack); yields (plan, merged leaf, report). Holds one leaf of each
     model at a time, plus the `ahead` leaves that a background thread loads meanwhile (and all
-    leaves with `global` granularity, whose thresholds need them together)."""
+    leaves with `global` granularity, whose thresholds need them together).
+
+    `compile_ahead`: the loads are host (numpy) arrays, and another background thread compiles
+    their kernels, each distinct one once and in order of first use, while earlier leaves load
+    and merge."""
     thresholds = global_thresholds(plans, load)
     it = plans
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(plans, desc="merging", unit="leaf")
-    for plan, (base, finetuned) in _loaded(it, load, ahead):
-        merged, report = merge_leaf(
-            plan, base, finetuned, names=names, out_dtype=out_dtype, thresholds=thresholds.get(plan.path)
-        )
-        del base, finetuned  # free the inputs before the consumer asks for the next leaf
-        yield plan, merged, report
+    warm = [p for p in plans if p.path not in thresholds] if compile_ahead else []
+    with _compiled_ahead(warm, len(names), out_dtype) as compiled:
+        for plan, (base, finetuned) in _loaded(it, load, ahead):
+            if plan.path in compiled:
+                futures.wait([compiled[plan.path]])  # a failed compile fails again, with context, below
+            merged, report = merge_leaf(
+                plan, base, finetuned, names=names, out_dtype=out_dtype, thresholds=thresholds.get(plan.path)
+            )
+            del base, finetuned  # free the inputs before the consumer asks for the next leaf
+            yield plan, merged, report
+
+
+@contextlib.contextmanager
+def _compiled_ahead(plans: Sequence[LeafPlan], tasks: int, out_dtype) -> Iterator[dict[str, futures.Future]]:
+    """Compiles, in a background thread, the kernel of each merged leaf of `plans` as merge_leaf
+    calls it on host leaves (jit's caches, and the persistent one, then hold it); gives a future
+    per leaf path, the same one for leaves that share a kernel."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="breadcrumbs-compile")
+    by_kernel: dict[Any, futures.Future] = {}
+    compiled = {}
+    try:
+        for plan in plans:
+            if plan.action != "merge":
+                continue
+            shape = kernel_shape(plan.shape) if plan.method.flat else plan.shape
+            dtype = jax.dtypes.canonicalize_dtype(plan.dtype)
+            args = (jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((tasks, *shape), dtype),
+                    jax.ShapeDtypeStruct((), jnp.uint32), None)
+            options = _kernel_options(plan, out_dtype, sharded=False)
+            key = (shape, dtype, tuple(options.items()))
+            if key not in by_kernel:
+                by_kernel[key] = pool.submit(_compile_kernel, args, options)
+            compiled[plan.path] = by_kernel[key]
+        yield compiled
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _compile_kernel(args, options):
+    return _merge_kernel.trace(*args, **options).lower().compile()
 
 
 def _loaded(plans: Iterable[LeafPlan], load: Loader, ahead: int) -> Iterator[tuple[LeafPlan, Any]]:

@@ -236,6 +236,10 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
     plans = [plan_of[p] for p in sink.order]
     out_infos = {o.path: o for o in sp.outputs}
     reading = threading.Lock()  # the next leaf loads in a background thread: one reader at a time
+    # leaves go to the device at once, so no host copy outlives its transfer; on CPU, where the device
+    # takes host memory as it is, they stay numpy arrays (merge_leaf may view them, and their kernels
+    # compile ahead), as do 'copy' leaves everywhere
+    on_host = jax.default_backend() == "cpu"
 
     def load(plan: LeafPlan):
         with reading:
@@ -244,9 +248,7 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
     def read_leaf(plan: LeafPlan):
         s = sp.shared.get(plan.path)
         index = None if s is None else s.index("shared")
-        # on the device at once, so no host copy outlives its transfer ('copy' leaves stay on the
-        # host, and on CPU, where the device takes host memory as it is, merge_leaf may view them)
-        put = (lambda x: x) if plan.action == "copy" or jax.default_backend() == "cpu" else jax.device_put
+        put = (lambda x: x) if plan.action == "copy" or on_host else jax.device_put
         stack = empty_aligned((len(models), *plan.shape), plan.dtype)  # the kernel takes one [T, ...] stack
         for t, m in enumerate(models):
             read_into(m, plan.path, index, stack[t, ...])  # a view even of a 0-d leaf
@@ -260,7 +262,8 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True)
     reports = []
     try:
-        for k, (plan, merged, report) in enumerate(merge_leaves(plans, load, names=sp.names, out_dtype=out_dtype, ahead=1)):
+        leaves = merge_leaves(plans, load, names=sp.names, out_dtype=out_dtype, ahead=1, compile_ahead=on_host)
+        for k, (plan, merged, report) in enumerate(leaves):
             array = np.asarray(merged)
             del merged
             s = sp.shared.get(plan.path)

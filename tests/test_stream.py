@@ -1,16 +1,19 @@
 import json
 import threading
 
+import jax
 import numpy as np
 import pytest
 
 import breadcrumbs_jax as bj
+import importlib
 from breadcrumbs_jax import MergeError, io
-from breadcrumbs_jax.merge import _loaded
+from breadcrumbs_jax.merge import _loaded, merge_leaves
 from breadcrumbs_jax.stream import dry_run_checkpoints, merge_checkpoints
 
 from tests.ckpt_factory import HF_SHAPES, models, same_bits
 
+merge_module = importlib.import_module("breadcrumbs_jax.merge")  # the package exports a function `merge`
 FORMATS = {"orbax": "", "safetensors": ".safetensors", "msgpack": ".msgpack"}
 BC = bj.breadcrumbs(0.7, beta=0.6, gamma=0.95)  # one method for most tests: its kernels compile once
 
@@ -120,6 +123,33 @@ def test_loads_run_one_ahead_in_a_background_thread_and_arrive_in_order():
         next(it)
     assert [x for x, _ in _loaded(range(5), lambda i: (i, [i]), ahead=0)] == list(range(5))
 
+
+def test_kernels_compile_ahead_in_a_background_thread_once_each(monkeypatch, caplog):
+    """Each distinct kernel compiles once, in order of first use, off the merging thread, which then
+    finds it compiled; the bits are those of a merge that compiles as it goes."""
+    rng = np.random.default_rng(7)
+    tree = {"a": rng.standard_normal((37, 5), dtype=np.float32), "b": rng.standard_normal((11, 40), dtype=np.float32),
+            "c": rng.standard_normal((37, 5), dtype=np.float32), "d": rng.standard_normal((37, 5)).astype(np.int32)}
+    fts = [{k: v + rng.standard_normal(v.shape).astype(v.dtype) for k, v in tree.items()} for _ in range(2)]
+
+    def load(plan):
+        return tree[plan.path], np.stack([f[plan.path] for f in fts])
+
+    compiled = []
+    compile_kernel = merge_module._compile_kernel
+    monkeypatch.setattr(merge_module, "_compile_kernel", lambda args, options: (
+        compiled.append((args[0].shape, threading.current_thread().name)), compile_kernel(args, options))[1])
+    here = {}  # compilations of _merge_kernel in the merging thread
+    for ahead, weights in [(False, (1.0, 0.31)), (True, (1.0, 0.32))]:  # kernels no other test compiled
+        method = bj.breadcrumbs(0.9, density=0.4, gamma_top=0.1, weights=weights)
+        caplog.clear()
+        with jax.log_compiles(True):  # logs what this thread compiles
+            merged = {p.path: m for p, m, _ in merge_leaves(
+                bj.plan_for(tree, method), load, names=("x", "y"), ahead=1, compile_ahead=ahead)}
+        here[ahead] = sum("Finished XLA compilation of jit(_merge_kernel)" in r.getMessage() for r in caplog.records)
+        assert same_bits(merged, bj.merge(tree, fts, method).params)
+    assert here == {False: 2, True: 0}  # the merging thread compiled both kernels, then neither
+    assert compiled == [((37, 5), "breadcrumbs-compile_0"), ((40, 11), "breadcrumbs-compile_0")]  # 'd' is copied
 
 def test_report_json_and_no_overwrite_without_permission(tmp_path, written):
     base, fts, b, ms = written
