@@ -168,14 +168,19 @@ def merge_leaf(
         out = base if plan.action == "copy" or out_dtype is None else base.astype(out_dtype)
         return out, leaf_report(plan, None, len(finetuned))
     stack = stack_models(finetuned)
-    if plan.method.flat and isinstance(base, np.ndarray) and isinstance(stack, np.ndarray):
-        view = kernel_shape(plan.shape)  # host leaves go in as their kernel view
+    if isinstance(base, np.ndarray) and isinstance(stack, np.ndarray):  # host leaves go in as their kernel view
+        view = _kernel_view(plan)
         base, stack = base.reshape(view), stack.reshape((len(stack), *view))
     merged, stats, finite = _merge_kernel(
         base, stack, jnp.uint32(path_hash(plan.path)), thresholds, **_kernel_options(plan, out_dtype, spans_devices(base, stack))
     )
     _raise_not_finite(plan, finite, names)
     return merged.reshape(plan.shape), leaf_report(plan, jax.device_get(stats), len(finetuned))
+
+
+def _kernel_view(plan: LeafPlan) -> tuple[int, ...]:
+    """The shape in which a leaf's host arrays go into its kernel."""
+    return kernel_shape(plan.shape) if plan.method.flat else plan.shape
 
 
 def _kernel_options(plan: LeafPlan, out_dtype, sharded: bool) -> dict:
@@ -243,7 +248,7 @@ def _compiled_ahead(plans: Sequence[LeafPlan], tasks: int, out_dtype) -> Iterato
         for plan in plans:
             if plan.action != "merge":
                 continue
-            shape = kernel_shape(plan.shape) if plan.method.flat else plan.shape
+            shape = _kernel_view(plan)
             dtype = jax.dtypes.canonicalize_dtype(plan.dtype)
             args = (jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((tasks, *shape), dtype),
                     jax.ShapeDtypeStruct((), jnp.uint32), None)
