@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -208,14 +208,15 @@ def merge_leaves(
     out_dtype=None,
     progress: bool = False,
     ahead: int = 0,
-    compile_ahead: bool = False,
+    compile_ahead: Literal["host", "device"] | None = None,
 ) -> Iterator[tuple[LeafPlan, jax.Array, LeafReport]]:
     """Merge leaf after leaf: `load(plan)` gives (pre-trained leaf, fine-tuned leaves as a
     sequence or a [T, ...] stack); yields (plan, merged leaf, report). Holds one leaf of each
     model at a time, plus the `ahead` leaves that a background thread loads meanwhile (and all
     leaves with `global` granularity, whose thresholds need them together).
 
-    `compile_ahead`: the loads are host (numpy) arrays, and another background thread compiles
+    `compile_ahead`: what the loads are, 'host' (numpy) or 'device' (uncommitted arrays on the
+    default device, as `jax.device_put` leaves them); another background thread then compiles
     their kernels, each distinct one once and in order of first use, while earlier leaves load
     and merge."""
     thresholds = global_thresholds(plans, load)
@@ -225,7 +226,7 @@ def merge_leaves(
 
         it = tqdm(plans, desc="merging", unit="leaf")
     warm = [p for p in plans if p.path not in thresholds] if compile_ahead else []
-    with _compiled_ahead(warm, len(names), out_dtype) as compiled:
+    with _compiled_ahead(warm, len(names), out_dtype, host=compile_ahead == "host") as compiled:
         for plan, (base, finetuned) in _loaded(it, load, ahead):
             if plan.path in compiled:
                 futures.wait([compiled[plan.path]])  # a failed compile fails again, with context, below
@@ -237,10 +238,10 @@ def merge_leaves(
 
 
 @contextlib.contextmanager
-def _compiled_ahead(plans: Sequence[LeafPlan], tasks: int, out_dtype) -> Iterator[dict[str, futures.Future]]:
+def _compiled_ahead(plans: Sequence[LeafPlan], tasks: int, out_dtype, host: bool) -> Iterator[dict[str, futures.Future]]:
     """Compiles, in a background thread, the kernel of each merged leaf of `plans` as merge_leaf
-    calls it on host leaves (jit's caches, and the persistent one, then hold it); gives a future
-    per leaf path, the same one for leaves that share a kernel."""
+    calls it on host leaves (`host`) or on single-device arrays (jit's caches, and the persistent
+    one, then hold it); gives a future per leaf path, the same one for leaves that share a kernel."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="breadcrumbs-compile")
     by_kernel: dict[Any, futures.Future] = {}
     compiled = {}
@@ -248,7 +249,7 @@ def _compiled_ahead(plans: Sequence[LeafPlan], tasks: int, out_dtype) -> Iterato
         for plan in plans:
             if plan.action != "merge":
                 continue
-            shape = _kernel_view(plan)
+            shape = _kernel_view(plan) if host else plan.shape
             dtype = jax.dtypes.canonicalize_dtype(plan.dtype)
             args = (jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((tasks, *shape), dtype),
                     jax.ShapeDtypeStruct((), jnp.uint32), None)

@@ -237,8 +237,8 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
     out_infos = {o.path: o for o in sp.outputs}
     reading = threading.Lock()  # the next leaf loads in a background thread: one reader at a time
     # leaves go to the device at once, so no host copy outlives its transfer; on CPU, where the device
-    # takes host memory as it is, they stay numpy arrays (merge_leaf may view them, and their kernels
-    # compile ahead), as do 'copy' leaves everywhere
+    # takes host memory as it is, they stay numpy arrays (merge_leaf may view them), as do 'copy'
+    # leaves everywhere
     on_host = jax.default_backend() == "cpu"
 
     def load(plan: LeafPlan):
@@ -262,7 +262,7 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True)
     reports = []
     try:
-        leaves = merge_leaves(plans, load, names=sp.names, out_dtype=out_dtype, ahead=1, compile_ahead=on_host)
+        leaves = merge_leaves(plans, load, names=sp.names, out_dtype=out_dtype, ahead=1, compile_ahead="host" if on_host else "device")
         for k, (plan, merged, report) in enumerate(leaves):
             array = np.asarray(merged)
             del merged

@@ -124,23 +124,27 @@ def test_loads_run_one_ahead_in_a_background_thread_and_arrive_in_order():
     assert [x for x, _ in _loaded(range(5), lambda i: (i, [i]), ahead=0)] == list(range(5))
 
 
-def test_kernels_compile_ahead_in_a_background_thread_once_each(monkeypatch, caplog):
+@pytest.mark.parametrize("kind", ["host", "device"])
+def test_kernels_compile_ahead_in_a_background_thread_once_each(monkeypatch, caplog, kind):
     """Each distinct kernel compiles once, in order of first use, off the merging thread, which then
-    finds it compiled; the bits are those of a merge that compiles as it goes."""
+    finds it compiled; the bits are those of a merge that compiles as it goes. Host leaves go in as
+    their kernel view, device arrays as they are."""
     rng = np.random.default_rng(7)
     tree = {"a": rng.standard_normal((37, 5), dtype=np.float32), "b": rng.standard_normal((11, 40), dtype=np.float32),
             "c": rng.standard_normal((37, 5), dtype=np.float32), "d": rng.standard_normal((37, 5)).astype(np.int32)}
     fts = [{k: v + rng.standard_normal(v.shape).astype(v.dtype) for k, v in tree.items()} for _ in range(2)]
+    put = np.asarray if kind == "host" else jax.device_put
 
     def load(plan):
-        return tree[plan.path], np.stack([f[plan.path] for f in fts])
+        return put(tree[plan.path]), put(np.stack([f[plan.path] for f in fts]))
 
     compiled = []
     compile_kernel = merge_module._compile_kernel
     monkeypatch.setattr(merge_module, "_compile_kernel", lambda args, options: (
         compiled.append((args[0].shape, threading.current_thread().name)), compile_kernel(args, options))[1])
     here = {}  # compilations of _merge_kernel in the merging thread
-    for ahead, weights in [(False, (1.0, 0.31)), (True, (1.0, 0.32))]:  # kernels no other test compiled
+    w = 0.31 if kind == "host" else 0.33  # kernels no other test compiled
+    for ahead, weights in [(None, (1.0, w)), (kind, (1.0, w + 0.01))]:
         method = bj.breadcrumbs(0.9, density=0.4, gamma_top=0.1, weights=weights)
         caplog.clear()
         with jax.log_compiles(True):  # logs what this thread compiles
@@ -148,8 +152,10 @@ def test_kernels_compile_ahead_in_a_background_thread_once_each(monkeypatch, cap
                 bj.plan_for(tree, method), load, names=("x", "y"), ahead=1, compile_ahead=ahead)}
         here[ahead] = sum("Finished XLA compilation of jit(_merge_kernel)" in r.getMessage() for r in caplog.records)
         assert same_bits(merged, bj.merge(tree, fts, method).params)
-    assert here == {False: 2, True: 0}  # the merging thread compiled both kernels, then neither
-    assert compiled == [((37, 5), "breadcrumbs-compile_0"), ((40, 11), "breadcrumbs-compile_0")]  # 'd' is copied
+    assert here == {None: 2, kind: 0}  # the merging thread compiled both kernels, then neither
+    b = (40, 11) if kind == "host" else (11, 40)
+    assert compiled == [((37, 5), "breadcrumbs-compile_0"), (b, "breadcrumbs-compile_0")]  # 'd' is copied
+
 
 def test_report_json_and_no_overwrite_without_permission(tmp_path, written):
     base, fts, b, ms = written
