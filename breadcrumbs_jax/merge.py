@@ -172,7 +172,8 @@ def merge_leaf(
         view = _kernel_view(plan)
         base, stack = base.reshape(view), stack.reshape((len(stack), *view))
     merged, stats, finite = _merge_kernel(
-        base, stack, jnp.uint32(path_hash(plan.path)), thresholds, **_kernel_options(plan, out_dtype, spans_devices(base, stack))
+        base, stack, jnp.uint32(path_hash(plan.path)), thresholds,
+        **_kernel_options(plan, out_dtype, sharded=spans_devices(base, stack)),
     )
     _raise_not_finite(plan, finite, names)
     return merged.reshape(plan.shape), leaf_report(plan, jax.device_get(stats), len(finetuned))
@@ -238,7 +239,9 @@ def merge_leaves(
 
 
 @contextlib.contextmanager
-def _compiled_ahead(plans: Sequence[LeafPlan], tasks: int, out_dtype, host: bool) -> Iterator[dict[str, futures.Future]]:
+def _compiled_ahead(
+    plans: Sequence[LeafPlan], tasks: int, out_dtype, *, host: bool
+) -> Iterator[dict[str, futures.Future]]:
     """Compiles, in a background thread, the kernel of each merged leaf of `plans` as merge_leaf
     calls it on host leaves (`host`) or on single-device arrays (jit's caches, and the persistent
     one, then hold it); gives a future per leaf path, the same one for leaves that share a kernel."""

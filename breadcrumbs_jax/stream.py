@@ -262,7 +262,8 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True)
     reports = []
     try:
-        leaves = merge_leaves(plans, load, names=sp.names, out_dtype=out_dtype, ahead=1, compile_ahead="host" if on_host else "device")
+        kind = "host" if on_host else "device"
+        leaves = merge_leaves(plans, load, names=sp.names, out_dtype=out_dtype, ahead=1, compile_ahead=kind)
         for k, (plan, merged, report) in enumerate(leaves):
             array = np.asarray(merged)
             del merged
