@@ -226,7 +226,7 @@ def merge_leaves(
         from tqdm.auto import tqdm
 
         it = tqdm(plans, desc="merging", unit="leaf")
-    warm = [p for p in plans if p.path not in thresholds] if compile_ahead else []
+    warm = [p for p in plans if p.action == "merge" and p.path not in thresholds] if compile_ahead else []
     with _compiled_ahead(warm, len(names), out_dtype, host=compile_ahead == "host") as compiled:
         for plan, (base, finetuned) in _loaded(it, load, ahead):
             if plan.path in compiled:
@@ -242,7 +242,7 @@ def merge_leaves(
 def _compiled_ahead(
     plans: Sequence[LeafPlan], tasks: int, out_dtype, *, host: bool
 ) -> Iterator[dict[str, futures.Future]]:
-    """Compiles, in a background thread, the kernel of each merged leaf of `plans` as merge_leaf
+    """Compiles, in a background thread, the kernel of each leaf of `plans` (merged ones) as merge_leaf
     calls it on host leaves (`host`) or on single-device arrays (jit's caches, and the persistent
     one, then hold it); gives a future per leaf path, the same one for leaves that share a kernel."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="breadcrumbs-compile")
@@ -250,8 +250,6 @@ def _compiled_ahead(
     compiled = {}
     try:
         for plan in plans:
-            if plan.action != "merge":
-                continue
             shape = _kernel_view(plan) if host else plan.shape
             dtype = jax.dtypes.canonicalize_dtype(plan.dtype)
             args = (jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((tasks, *shape), dtype),

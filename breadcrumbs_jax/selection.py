@@ -415,7 +415,7 @@ def _interp_pivots(sample: _Sample, b: _Bracket, k: jax.Array) -> tuple[jax.Arra
     s_lo, s_hi, share = _sample_pivots(sample, at, b)
     keys = sample.keys
     inside = lambda lo, hi: jnp.sum((keys >= lo[..., None]) & (keys <= hi[..., None]), axis=-1)  # noqa: E731
-    m_s = inside(b.lo, b.hi).astype(jnp.float32)
+    m_s = jnp.zeros(b.lo.shape, jnp.float32) if at is None else at[1].astype(jnp.float32)  # sample keys in [lo, hi]
     seen, due = inside(p_lo, p_hi).astype(jnp.float32), m_s * expected / r
     agree = (s_lo <= p_lo) & (p_hi <= s_hi) & ((due < 8) | (seen * 4 > due)) & (s_lo < s_hi)
     linear = agree | ((s_lo == b.lo) & (s_hi == b.hi))  # or the sample is no help
