@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import kernel_store
 from .errors import MergeError
 from .methods import Method
 from .paths import flatten
@@ -157,11 +158,13 @@ def merge_leaf(
     names: Sequence[str] | None = None,
     out_dtype=None,
     thresholds: tuple[Threshold, Threshold] | None = None,
+    kernel: Callable | None = None,
 ) -> tuple[jax.Array, LeafReport]:
     """Merge one leaf as its plan says; returns the merged leaf and its report.
 
     `finetuned`: the T fine-tuned leaves, as a sequence or as one [T, ...] stack (what the
-    kernel takes: a stack keeps the task vectors an expression XLA never stores)."""
+    kernel takes: a stack keeps the task vectors an expression XLA never stores). `kernel`: the
+    leaf's `_merge_kernel` compiled ahead for these inputs (see `merge_leaves`), if it was."""
     names = tuple(names) if names is not None else default_names(len(finetuned))
     check_leaf(plan, base, finetuned, names)
     if plan.action != "merge":  # kept as given (no device copy, no x64 truncation); 'base' takes out_dtype
@@ -171,12 +174,19 @@ def merge_leaf(
     if isinstance(base, np.ndarray) and isinstance(stack, np.ndarray):  # host leaves go in as their kernel view
         view = _kernel_view(plan)
         base, stack = base.reshape(view), stack.reshape((len(stack), *view))
-    merged, stats, finite = _merge_kernel(
-        base, stack, jnp.uint32(path_hash(plan.path)), thresholds,
-        **_kernel_options(plan, out_dtype, sharded=spans_devices(base, stack)),
-    )
+    if kernel is None or not _fits(kernel, base, stack):
+        kernel = functools.partial(_merge_kernel, **_kernel_options(plan, out_dtype, sharded=spans_devices(base, stack)))
+    merged, stats, finite = kernel(base, stack, jnp.uint32(path_hash(plan.path)), thresholds)
     _raise_not_finite(plan, finite, names)
     return merged.reshape(plan.shape), leaf_report(plan, jax.device_get(stats), len(finetuned))
+
+
+def _fits(kernel, base, stack) -> bool:
+    """Whether a kernel compiled ahead takes these inputs (as the loads were said to be)."""
+    want = kernel.in_avals[0][:2]
+    return all(
+        a.shape == np.shape(x) and a.dtype == jax.dtypes.canonicalize_dtype(x.dtype) for a, x in zip(want, (base, stack))
+    )
 
 
 def _kernel_view(plan: LeafPlan) -> tuple[int, ...]:
@@ -229,10 +239,12 @@ def merge_leaves(
     warm = [p for p in plans if p.action == "merge" and p.path not in thresholds] if compile_ahead else []
     with _compiled_ahead(warm, len(names), out_dtype, host=compile_ahead == "host") as compiled:
         for plan, (base, finetuned) in _loaded(it, load, ahead):
-            if plan.path in compiled:
-                futures.wait([compiled[plan.path]])  # a failed compile fails again, with context, below
+            kernel = compiled.get(plan.path)
+            if kernel is not None:  # a failed compile fails again, with context, in merge_leaf
+                kernel = kernel.result() if kernel.exception() is None else None
             merged, report = merge_leaf(
-                plan, base, finetuned, names=names, out_dtype=out_dtype, thresholds=thresholds.get(plan.path)
+                plan, base, finetuned, names=names, out_dtype=out_dtype, thresholds=thresholds.get(plan.path),
+                kernel=kernel,
             )
             del base, finetuned  # free the inputs before the consumer asks for the next leaf
             yield plan, merged, report
@@ -242,9 +254,10 @@ def merge_leaves(
 def _compiled_ahead(
     plans: Sequence[LeafPlan], tasks: int, out_dtype, *, host: bool
 ) -> Iterator[dict[str, futures.Future]]:
-    """Compiles, in a background thread, the kernel of each leaf of `plans` (merged ones) as merge_leaf
-    calls it on host leaves (`host`) or on single-device arrays (jit's caches, and the persistent
-    one, then hold it); gives a future per leaf path, the same one for leaves that share a kernel."""
+    """Compiles, in a background thread, the kernel of each leaf of `plans` (merged ones) for host
+    leaves (`host`: their kernel view) or for single-device arrays (the leaf's shape), loading it
+    from the kernel store and JAX's persistent cache where they hold it; gives a future of the
+    compiled kernel per leaf path, the same one for leaves that share a kernel."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="breadcrumbs-compile")
     by_kernel: dict[Any, futures.Future] = {}
     compiled = {}
@@ -265,7 +278,7 @@ def _compiled_ahead(
 
 
 def _compile_kernel(args, options):
-    return _merge_kernel.trace(*args, **options).lower().compile()
+    return kernel_store.compile_kernel(_merge_kernel, args, options)
 
 
 def _loaded(plans: Iterable[LeafPlan], load: Loader, ahead: int) -> Iterator[tuple[LeafPlan, Any]]:

@@ -183,17 +183,21 @@ def test_process_exit_codes(tmp_path, ckpts):
 
 def test_merge_keeps_compiled_kernels_across_runs(tmp_path, ckpts):
     """On one device the CLI keeps its kernels in ~/.cache/breadcrumbs_jax ($XDG_CACHE_HOME), or in
-    $BREADCRUMBS_JAX_CACHE; `off` keeps none. The second run reads them and gives the same bits."""
+    $BREADCRUMBS_JAX_CACHE (executables, and the kernel store's lowered modules); `off` keeps none.
+    The second run reads them and gives the same bits."""
     d, _, _ = ckpts
     config = write_config(tmp_path / "merge.yaml", d)
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "BREADCRUMBS_JAX_CACHE")}  # one device
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
     cmd = [sys.executable, "-m", "breadcrumbs_jax.cli", "merge", config]
+    stored = {}
     for out in ("a", "b"):
         done = subprocess.run([*cmd, str(tmp_path / out)], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr
-    cached = sorted(p.name for p in (tmp_path / "xdg" / "breadcrumbs_jax").iterdir())
+        stored[out] = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "xdg" / "breadcrumbs_jax" / "exported").iterdir()}
+    cached = sorted(p.name for p in (tmp_path / "xdg" / "breadcrumbs_jax").glob("*-cache"))
     assert cached, "no kernel was cached"
+    assert stored["a"] and stored["b"] == stored["a"]  # the second run loaded every kernel from the store
     assert same_bits(io.load(tmp_path / "a"), io.load(tmp_path / "b"))
     done = subprocess.run([*cmd, str(tmp_path / "c")], capture_output=True, text=True,
                           env={**env, "BREADCRUMBS_JAX_CACHE": "off", "XDG_CACHE_HOME": str(tmp_path / "none")})

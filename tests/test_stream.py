@@ -157,6 +157,20 @@ def test_kernels_compile_ahead_in_a_background_thread_once_each(monkeypatch, cap
     assert compiled == [((37, 5), "breadcrumbs-compile_0"), (b, "breadcrumbs-compile_0")]  # 'd' is copied
 
 
+def test_loads_other_than_announced_merge_with_their_own_kernel():
+    """Device arrays where host leaves were announced do not fit the kernels compiled ahead (their
+    view's shape): the merge compiles theirs instead, and the bits stay those of `bj.merge`."""
+    rng = np.random.default_rng(8)
+    tree = {"a": rng.standard_normal((37, 5), dtype=np.float32), "b": rng.standard_normal((11, 40), dtype=np.float32)}
+    fts = [{k: v + rng.standard_normal(v.shape, dtype=np.float32) for k, v in tree.items()} for _ in range(2)]
+
+    def load(plan):
+        return jax.device_put(tree[plan.path]), jax.device_put(np.stack([f[plan.path] for f in fts]))
+
+    merged = {p.path: m for p, m, _ in merge_leaves(bj.plan_for(tree, BC), load, names=("x", "y"), compile_ahead="host")}
+    assert same_bits(merged, bj.merge(tree, fts, BC).params)
+
+
 def test_report_json_and_no_overwrite_without_permission(tmp_path, written):
     base, fts, b, ms = written
     target, report = tmp_path / "out", tmp_path / "out.report.json"

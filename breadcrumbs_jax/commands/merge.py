@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 
+from .. import kernel_store
 from ..config import load_config
 from ..distributed import dry_run_distributed, initialize, merge_distributed
 from ..errors import MergeError
@@ -59,10 +60,11 @@ def register(subparsers) -> None:
 
 def compilation_cache() -> None:
     """Keep the compiled merge kernels (one per leaf view, dtype and method) across runs in JAX's
-    persistent cache: in the folder $BREADCRUMBS_JAX_CACHE names, by default (on one device: jax
-    0.10.2 crashed writing to it from a process with 8 simulated CPU devices)
-    $XDG_CACHE_HOME/breadcrumbs_jax or ~/.cache/breadcrumbs_jax; none if it is `off`. A cache the
-    user configured for JAX is kept."""
+    persistent cache, and their lowered modules in the kernel store (its `exported` subfolder): in
+    the folder $BREADCRUMBS_JAX_CACHE names, by default (on one device: jax 0.10.2 crashed writing
+    to it from a process with 8 simulated CPU devices) $XDG_CACHE_HOME/breadcrumbs_jax or
+    ~/.cache/breadcrumbs_jax; none if it is `off`. A cache the user configured for JAX is kept
+    (and no kernel store is used)."""
     where = os.environ.get("BREADCRUMBS_JAX_CACHE")
     if where is None and jax.device_count() == 1:
         where = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "breadcrumbs_jax")
@@ -70,6 +72,7 @@ def compilation_cache() -> None:
         return
     jax.config.update("jax_compilation_cache_dir", where)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    kernel_store.use(Path(where) / "exported")
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -1,0 +1,113 @@
+import dataclasses
+import importlib
+import logging
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import breadcrumbs_jax as bj
+from breadcrumbs_jax import kernel_store
+from breadcrumbs_jax.steps import Scale
+
+merge_module = importlib.import_module("breadcrumbs_jax.merge")
+METHOD = bj.breadcrumbs(0.8, density=0.3, gamma_top=0.05, weights=(1.0, 0.6))
+
+
+@pytest.fixture
+def store(tmp_path):
+    kernel_store.use(tmp_path / "store")
+    yield tmp_path / "store"
+    kernel_store.use(None)
+
+
+def signature(shape=(24, 6), dtype=jnp.bfloat16):
+    return (jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((2, *shape), dtype),
+            jax.ShapeDtypeStruct((), jnp.uint32), None)
+
+
+def options(method=METHOD, out_dtype=jnp.bfloat16):
+    return dict(method=method, out_axis=None, out_dtype=np.dtype(out_dtype), sharded=False)
+
+
+def inputs(shape=(24, 6)):
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(shape, dtype=np.float32).astype(jnp.bfloat16)
+    stack = (base.astype(np.float32) + rng.standard_normal((2, *shape), dtype=np.float32)).astype(jnp.bfloat16)
+    return base, stack, jnp.uint32(5), None
+
+
+class Untraceable:
+    """Stands for the kernel where it must not be traced."""
+
+    def trace(self, *args, **kwargs):
+        raise AssertionError("traced")
+
+
+def test_a_stored_kernel_loads_without_tracing_and_gives_the_same_bits(store, monkeypatch):
+    first = kernel_store.compile_kernel(merge_module._merge_kernel, signature(), options())
+    assert len(list(store.glob("*.exported"))) == 1
+    monkeypatch.setattr(kernel_store.export, "export", Untraceable().trace)
+    loaded = kernel_store.compile_kernel(Untraceable(), signature(), options())
+    want = merge_module._merge_kernel(*inputs(), **options())
+    for kernel in (first, loaded):
+        got = kernel(*inputs())
+        assert all(np.array_equal(np.asarray(g), np.asarray(w)) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+
+
+def test_key_separates_whatever_decides_the_kernel(monkeypatch):
+    key = kernel_store._key(signature(), options())
+    assert key == kernel_store._key(signature(), options(bj.breadcrumbs(0.8, density=0.3, gamma_top=0.05, weights=(1.0, 0.6))))
+    others = [
+        kernel_store._key(signature(), options(bj.breadcrumbs(0.8, density=0.3 + 1e-12, gamma_top=0.05, weights=(1.0, 0.6)))),
+        kernel_store._key(signature(), options(bj.breadcrumbs(0.8, density=0.3, gamma_top=0.05, weights=(1.0, 0.6 + 1e-15)))),
+        kernel_store._key(signature(), options(out_dtype=jnp.float32)),
+        kernel_store._key(signature((6, 24)), options()),
+        kernel_store._key(signature(dtype=jnp.float16), options()),
+        kernel_store._key(signature(), {**options(), "out_axis": 0}),
+    ]
+    monkeypatch.setattr(kernel_store, "_source_digest", lambda: "changed source")
+    others.append(kernel_store._key(signature(), options()))
+    assert len({key, *others}) == 1 + len(others)
+
+
+def test_key_is_the_same_in_another_process():
+    code = (
+        "import jax, jax.numpy as jnp, numpy as np, breadcrumbs_jax as bj\n"
+        "from breadcrumbs_jax import kernel_store\n"
+        "from tests.test_kernel_store import signature, options\n"
+        "print(kernel_store._key(signature(), options()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == kernel_store._key(signature(), options())
+
+
+@dataclasses.dataclass(frozen=True)
+class Halve(Scale):
+    """A step defined outside the package: its behaviour is not in the package's source."""
+
+
+def test_kernels_with_steps_from_elsewhere_are_not_stored(store):
+    method = dataclasses.replace(METHOD, steps=(*METHOD.steps[:-1], Halve(0.5)))
+    assert kernel_store._key(signature(), options(method)) is None
+    kernel = kernel_store.compile_kernel(merge_module._merge_kernel, signature(), options(method))
+    assert not store.exists()
+    want = merge_module._merge_kernel(*inputs(), **options(method))
+    assert np.array_equal(np.asarray(kernel(*inputs())[0]), np.asarray(want[0]))
+
+
+def test_a_damaged_entry_is_traced_again_and_replaced(store, caplog):
+    kernel_store.compile_kernel(merge_module._merge_kernel, signature(), options())
+    (entry,) = store.glob("*.exported")
+    good = entry.read_bytes()
+    entry.write_bytes(good[: len(good) // 2])
+    with caplog.at_level(logging.WARNING, logger="breadcrumbs_jax.kernel_store"):
+        kernel = kernel_store.compile_kernel(merge_module._merge_kernel, signature(), options())
+    assert "unreadable" in caplog.text and entry.name in caplog.text
+    kernel_store.export.deserialize(bytearray(entry.read_bytes()))  # replaced by a whole entry
+    assert [p.name for p in store.iterdir()] == [entry.name]  # no temporary file left
+    want = merge_module._merge_kernel(*inputs(), **options())
+    assert np.array_equal(np.asarray(kernel(*inputs())[0]), np.asarray(want[0]))
