@@ -6,13 +6,12 @@ Every merge path (in-memory trees, streaming checkpoints, sharded arrays) goes t
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -166,10 +165,25 @@ def merge_leaf(
     kernel takes: a stack keeps the task vectors an expression XLA never stores). `kernel`: the
     leaf's `_merge_kernel` compiled ahead for these inputs (see `merge_leaves`), if it was."""
     names = tuple(names) if names is not None else default_names(len(finetuned))
+    return _finish(_start(plan, base, finetuned, names, out_dtype, thresholds, kernel))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Started:
+    """A leaf whose merge is dispatched (its kernel may still run): the merged leaf, and for merged
+    leaves the kernel's statistics and finite flags, not yet on the host."""
+
+    plan: LeafPlan
+    names: tuple[str, ...]
+    merged: Any
+    stats: Any = None
+    finite: Any = None
+
+
+def _start(plan: LeafPlan, base, finetuned, names, out_dtype, thresholds, kernel) -> _Started:
     check_leaf(plan, base, finetuned, names)
     if plan.action != "merge":  # kept as given (no device copy, no x64 truncation); 'base' takes out_dtype
-        out = base if plan.action == "copy" or out_dtype is None else base.astype(out_dtype)
-        return out, leaf_report(plan, None, len(finetuned))
+        return _Started(plan, names, base if plan.action == "copy" or out_dtype is None else base.astype(out_dtype))
     stack = stack_models(finetuned)
     if isinstance(base, np.ndarray) and isinstance(stack, np.ndarray):  # host leaves go in as their kernel view
         view = _kernel_view(plan)
@@ -177,8 +191,15 @@ def merge_leaf(
     if kernel is None or not _fits(kernel, base, stack):
         kernel = functools.partial(_merge_kernel, **_kernel_options(plan, out_dtype, sharded=spans_devices(base, stack)))
     merged, stats, finite = kernel(base, stack, jnp.uint32(path_hash(plan.path)), thresholds)
-    _raise_not_finite(plan, finite, names)
-    return merged.reshape(plan.shape), leaf_report(plan, jax.device_get(stats), len(finetuned))
+    return _Started(plan, names, merged.reshape(plan.shape), stats, finite)
+
+
+def _finish(leaf: _Started) -> tuple[Any, LeafReport]:
+    """Waits for a started leaf; raises if an input held NaN or Inf."""
+    if leaf.finite is None:
+        return leaf.merged, leaf_report(leaf.plan, None, len(leaf.names))
+    _raise_not_finite(leaf.plan, leaf.finite, leaf.names)
+    return leaf.merged, leaf_report(leaf.plan, jax.device_get(leaf.stats), len(leaf.names))
 
 
 def _fits(kernel, base, stack) -> bool:
@@ -218,13 +239,15 @@ def merge_leaves(
     names: Sequence[str],
     out_dtype=None,
     progress: bool = False,
-    ahead: int = 0,
     compile_ahead: Literal["host", "device"] | None = None,
 ) -> Iterator[tuple[LeafPlan, jax.Array, LeafReport]]:
     """Merge leaf after leaf: `load(plan)` gives (pre-trained leaf, fine-tuned leaves as a
-    sequence or a [T, ...] stack); yields (plan, merged leaf, report). Holds one leaf of each
-    model at a time, plus the `ahead` leaves that a background thread loads meanwhile (and all
-    leaves with `global` granularity, whose thresholds need them together).
+    sequence or a [T, ...] stack); yields (plan, merged leaf, report).
+
+    Kernels run asynchronously: the next leaf is loaded while this leaf's kernel runs, and this
+    leaf is yielded (the consumer writes it) while the next one's runs. This holds at most two
+    leaves of each model and two merged leaves (and all leaves with `global` granularity, whose
+    thresholds need them together).
 
     `compile_ahead`: what the loads are, 'host' (numpy) or 'device' (uncommitted arrays on the
     default device, as `jax.device_put` leaves them); another background thread then compiles
@@ -238,16 +261,19 @@ def merge_leaves(
         it = tqdm(plans, desc="merging", unit="leaf")
     warm = [p for p in plans if p.action == "merge" and p.path not in thresholds] if compile_ahead else []
     with _compiled_ahead(warm, len(names), out_dtype, host=compile_ahead == "host") as compiled:
-        for plan, (base, finetuned) in _loaded(it, load, ahead):
+        started = None
+        for plan in it:
+            base, finetuned = load(plan)
             kernel = compiled.get(plan.path)
-            if kernel is not None:  # a failed compile fails again, with context, in merge_leaf
+            if kernel is not None:  # a failed compile fails again, with context, in _start
                 kernel = kernel.result() if kernel.exception() is None else None
-            merged, report = merge_leaf(
-                plan, base, finetuned, names=names, out_dtype=out_dtype, thresholds=thresholds.get(plan.path),
-                kernel=kernel,
-            )
-            del base, finetuned  # free the inputs before the consumer asks for the next leaf
-            yield plan, merged, report
+            following = _start(plan, base, finetuned, names, out_dtype, thresholds.get(plan.path), kernel)
+            del base, finetuned  # the kernel holds the inputs while it runs, and no longer
+            if started is not None:
+                yield started.plan, *_finish(started)
+            started = following
+        if started is not None:
+            yield started.plan, *_finish(started)
 
 
 @contextlib.contextmanager
@@ -279,30 +305,6 @@ def _compiled_ahead(
 
 def _compile_kernel(args, options):
     return kernel_store.compile_kernel(_merge_kernel, args, options)
-
-
-def _loaded(plans: Iterable[LeafPlan], load: Loader, ahead: int) -> Iterator[tuple[LeafPlan, Any]]:
-    """(plan, load(plan)) in order; with `ahead` > 0, the next `ahead` loads run in a background
-    thread while the caller works on the current leaf (reads overlap the merge)."""
-    if ahead <= 0:
-        yield from ((plan, load(plan)) for plan in plans)
-        return
-    pool = ThreadPoolExecutor(1, thread_name_prefix="breadcrumbs-load")
-    pending: collections.deque = collections.deque()
-
-    def take():  # no reference to a loaded leaf outlives the caller's
-        plan, future = pending.popleft()
-        return plan, future.result()
-
-    try:
-        for plan in plans:
-            pending.append((plan, pool.submit(load, plan)))
-            if len(pending) > ahead:
-                yield take()
-        while pending:
-            yield take()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_structure(base_paths: list[str], other: Any, name: str) -> None:

@@ -2,9 +2,10 @@
 
 For each leaf the pre-trained and the T fine-tuned checkpoints are read, the leaf is merged
 by `merge_leaves` (the same driver as the in-memory `merge`, hence the same bits) and written
-to the output at once, then freed; the next leaf is read meanwhile, in a background thread.
-Peak memory is about 2 (T + 1) + 1 leaves (this leaf's inputs, the next leaf's, the output)
-plus the kernel's scratch and a constant, not T models. `global`
+to the output at once, then freed. Kernels run asynchronously: the next leaf is read while this
+leaf's kernel runs, and this leaf is written while the next one's runs. Peak memory is about
+2 (T + 1) + 1 leaves (this leaf's inputs, the next leaf's, the output) plus the kernel's scratch
+and a constant, not T models. `global`
 granularity is the exception: its thresholds need every leaf it covers, of every model, in
 memory at once.
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -235,17 +235,12 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
     plan_of = {p.path: p for p in sp.plans}
     plans = [plan_of[p] for p in sink.order]
     out_infos = {o.path: o for o in sp.outputs}
-    reading = threading.Lock()  # the next leaf loads in a background thread: one reader at a time
     # leaves go to the device at once, so no host copy outlives its transfer; on CPU, where the device
     # takes host memory as it is, they stay numpy arrays (merge_leaf may view them), as do 'copy'
     # leaves everywhere
     on_host = jax.default_backend() == "cpu"
 
     def load(plan: LeafPlan):
-        with reading:
-            return read_leaf(plan)
-
-    def read_leaf(plan: LeafPlan):
         s = sp.shared.get(plan.path)
         index = None if s is None else s.index("shared")
         put = (lambda x: x) if plan.action == "copy" or on_host else jax.device_put
@@ -263,14 +258,13 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
     reports = []
     try:
         kind = "host" if on_host else "device"
-        leaves = merge_leaves(plans, load, names=sp.names, out_dtype=out_dtype, ahead=1, compile_ahead=kind)
+        leaves = merge_leaves(plans, load, names=sp.names, out_dtype=out_dtype, compile_ahead=kind)
         for k, (plan, merged, report) in enumerate(leaves):
             array = np.asarray(merged)
             del merged
             s = sp.shared.get(plan.path)
             if s is not None and s.rows < s.full_shape[s.axis]:
-                with reading:
-                    tail = base.read(plan.path, s.index("rest")).astype(array.dtype)
+                tail = base.read(plan.path, s.index("rest")).astype(array.dtype)
                 array = np.concatenate([array, tail], axis=s.axis)
             if str(array.dtype) != out_infos[plan.path].dtype:
                 raise RuntimeError(f"{plan.path}: merged to {array.dtype}, planned {out_infos[plan.path].dtype}")
