@@ -9,7 +9,8 @@ deserialized and compiled (from the persistent cache, when it holds the executab
 tracing anything.
 
 Static arguments must be built of this package's dataclasses (every built-in merge step), exact
-scalars, strings and dtypes; a kernel with anything else (a user-defined step) is not stored.
+scalars, strings and dtypes; a kernel with anything else (a user-defined step), or one that
+jax.export refuses, is compiled without the store.
 Entries are written to a temporary file, then renamed: concurrent runs share a store safely. An
 unreadable entry is traced again and replaced.
 """
@@ -53,7 +54,11 @@ def compile_kernel(kernel, args: tuple, options: dict):
     path = _store / f"{key}.exported"
     exported = _read(path)
     if exported is None:
-        exported = export.export(jax.jit(functools.partial(kernel, **options)))(*args)
+        try:
+            exported = export.export(jax.jit(functools.partial(kernel, **options)))(*args)
+        except Exception as e:  # what jax.export refuses (a custom call it does not keep) is compiled as is
+            log.warning("kernel not stored: jax.export failed (%s)", e)
+            return kernel.trace(*args, **options).lower().compile()
         _write(path, exported.serialize())
     return jax.jit(exported.call).trace(*args).lower().compile()
 

@@ -111,3 +111,15 @@ def test_a_damaged_entry_is_traced_again_and_replaced(store, caplog):
     assert [p.name for p in store.iterdir()] == [entry.name]  # no temporary file left
     want = merge_module._merge_kernel(*inputs(), **options())
     assert np.array_equal(np.asarray(kernel(*inputs())[0]), np.asarray(want[0]))
+
+
+def test_a_kernel_that_jax_export_refuses_is_compiled_as_is(store, monkeypatch, caplog):
+    def refuse(fn):
+        raise ValueError("custom call not allowed")
+
+    monkeypatch.setattr(kernel_store.export, "export", refuse)
+    with caplog.at_level(logging.WARNING, logger="breadcrumbs_jax.kernel_store"):
+        kernel = kernel_store.compile_kernel(merge_module._merge_kernel, signature(), options())
+    assert "custom call not allowed" in caplog.text and not store.exists()
+    want = merge_module._merge_kernel(*inputs(), **options())
+    assert np.array_equal(np.asarray(kernel(*inputs())[0]), np.asarray(want[0]))
