@@ -49,18 +49,24 @@ def compile_kernel(kernel, args: tuple, options: dict):
     `options`; called as compiled(*args). Taken from the store when it holds it, else traced, and
     stored when the store is on and the options have a key."""
     key = _key(args, options) if _store is not None else None
-    if key is None:
+    exported = None if key is None else _stored(kernel, args, options, _store / f"{key}.exported")
+    if exported is None:
         return kernel.trace(*args, **options).lower().compile()
-    path = _store / f"{key}.exported"
+    return jax.jit(exported.call).trace(*args).lower().compile()
+
+
+def _stored(kernel, args: tuple, options: dict, path: Path) -> export.Exported | None:
+    """The entry at `path`, exported and written there first if missing; None if jax.export refuses
+    the kernel (a custom call it does not keep)."""
     exported = _read(path)
     if exported is None:
         try:
             exported = export.export(jax.jit(functools.partial(kernel, **options)))(*args)
-        except Exception as e:  # what jax.export refuses (a custom call it does not keep) is compiled as is
+        except Exception as e:
             log.warning("kernel not stored: jax.export failed (%s)", e)
-            return kernel.trace(*args, **options).lower().compile()
+            return None
         _write(path, exported.serialize())
-    return jax.jit(exported.call).trace(*args).lower().compile()
+    return exported
 
 
 def _read(path: Path) -> export.Exported | None:
