@@ -1,4 +1,4 @@
-"""Exact rank selection of |x| within groups in a few counting passes: no sort of the data, no gather.
+"""Exact rank selection of |x| within groups in a few counting passes: the data is never sorted.
 
 An entry's rank in its group is its position when the group is sorted by magnitude, ties broken
 by flat index (SPEC.md). The entry of rank k is described by a composite threshold (value, index):
@@ -11,10 +11,14 @@ each; all targets share one int32 word per entry (8-bit lanes); the bracket shri
 target falls on. Pivots: first from a sorted strided sample of each group (the sample is sorted,
 never the data); then by interpolating the target's rank inside the bracket (the sample decides
 where keys cluster, as runs of ties do; a miss is followed by pivots bracketing the chord and
-tangent estimates). When a bracket holds few entries (or few distinct keys), the pass also keeps,
-per target and block of about 1024 entries, the number, min and max of its candidates: unless a
-block holds three distinct candidates these are all of them and give the value at once; otherwise
-they bound it, and the next pivots split those bounds.
+tangent estimates). Once a pass has counted a bracket whole and it holds few entries (one in 8192
+of the group, at least 512), the search ends by gathering them: that pass's counts per block of 32
+entries say which blocks hold candidates; only those are read, and their candidates sorted by
+(key, index) give both the value and the index threshold. A pass on a bracket of few distinct keys,
+one that cannot be narrowed, or (without gathering: small groups, several parts, sharded) one
+expected to hold few entries also keeps, per target and block of about 1024 entries, the number,
+min and max of its candidates: unless a block holds three distinct candidates these are all of
+them and give the value at once; otherwise they bound it, and the next pivots split those bounds.
 
 Index. Only when the target lies strictly inside a run of equal keys is the index threshold needed.
 It is found by position: a pass counts the tied entries along the first group axis, a running sum of
@@ -55,6 +59,10 @@ _BIAS = 0.003  # extra half-width of an interpolated bracket, as a share of its 
 _BIG = 2.0**30
 _SPREAD = 2.5  # half-width of a sampled bracket, in standard deviations of the sample's rank
 _NEAR = 0.35  # ... and of the pivots where sample keys repeat (fewest passes on bf16 differences)
+_GATHER_SHARE = 8192  # a bracket is gathered when it holds at most one in this many of a group's entries ...
+_GATHER_MIN = 512  # ... or this many, whichever is more, ...
+_GATHER_READ = 8  # ... if reading that many first-level blocks reads at most one in this many entries
+_SUPER = 32  # first-level blocks per superblock, to find the blocks that hold candidates
 
 
 def magnitude_keys(x: jax.Array) -> jax.Array:
@@ -231,7 +239,7 @@ class _Groups:
 
     Per-group values of all targets are stacked: [targets, *shape]."""
 
-    def __init__(self, parts: Sequence[Part], sharded: bool):
+    def __init__(self, parts: Sequence[Part], sharded: bool, capacity: int | None = None):
         self.parts = tuple(parts)
         self.sharded = sharded
         self.multi = len(parts) > 1
@@ -263,6 +271,15 @@ class _Groups:
                 at, r = at + 1, r * f
             self.at.append(at)
             self.blocks += p.size // r
+        # the most candidates a bracket may hold to be gathered (0: never): one part, not sharded
+        plan = self.plans[0]
+        if sharded or self.multi or not plan:
+            self.cap = 0
+        elif capacity is not None:
+            self.cap = min(capacity, self.size)
+        else:
+            cap = max(_GATHER_MIN, 1 << (-(-self.size // _GATHER_SHARE) - 1).bit_length())
+            self.cap = cap if cap * plan[0][1] * _GATHER_READ <= self.size else 0
 
     def expand(self, g: jax.Array, p: int, lead: int = 1) -> jax.Array:
         """[*lead, *shape] values against part p's arrays with `lead` extra leading axes."""
@@ -283,7 +300,11 @@ class _Bracket:
     (has one, lo, hi, expected entries between) pivots for the next pass, from a miss or an
     extraction. Every field is [targets, *groups], but `lines`: the candidates per line that the
     last pass counted ([targets, *groups, lines], with `groups.line`); `tallied`: whether that
-    pass's pivots were the resolved value's (the lines then count the entries equal to it)."""
+    pass's pivots were the resolved value's (the lines then count the entries equal to it).
+    With gathering (`groups.cap`): `blocks`, the candidates of each target per first-level block
+    that the last pass counted (packed, [words, *first-level shape]); `counted`, whether that
+    pass's pivots were the bracket's ends (then `blocks` holds the bracket's entries); `index`, the
+    index threshold of a value found by gathering, -1 elsewhere."""
 
     lo: jax.Array
     hi: jax.Array
@@ -292,12 +313,17 @@ class _Bracket:
     hint: tuple[jax.Array, jax.Array, jax.Array, jax.Array]
     lines: jax.Array | None = None
     tallied: jax.Array | None = None
+    blocks: jax.Array | None = None
+    counted: jax.Array | None = None
+    index: jax.Array | None = None
 
     def replace(self, **kw) -> _Bracket:
         return dataclasses.replace(self, **kw)
 
 
-jax.tree_util.register_dataclass(_Bracket, data_fields=["lo", "hi", "c_lo", "c_hi", "hint", "lines", "tallied"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    _Bracket, data_fields=["lo", "hi", "c_lo", "c_hi", "hint", "lines", "tallied", "blocks", "counted", "index"], meta_fields=[]
+)
 
 
 def _sample(groups: _Groups, budget: int) -> jax.Array:
@@ -465,9 +491,10 @@ def _update(b: _Bracket, k, p_lo, p_hi, c_below, c_upto) -> _Bracket:
 def _value_pass(groups: _Groups, p_lo: jax.Array, p_hi: jax.Array, extract: bool):
     """Count the entries below each target's pivots ([key < lo'], [key <= hi']); the candidates
     (lo' <= key <= hi') per line of `groups.line` ([targets, *groups, lines]; None without lines);
-    with `extract`, also per target and block the number, min and max of the candidates."""
+    with `extract`, also per target and block the number, min and max of the candidates; with
+    gathering, the candidates per target and first-level block (packed 4 to a word; else None)."""
     n_t = p_lo.shape[0]
-    below, upto, stats, lines = 0, 0, [], None
+    below, upto, stats, lines, blocks = 0, 0, [], None, None
     for p, (part, plan) in enumerate(zip(groups.parts, groups.plans)):
         keys = part.keys
         lo, hi = groups.expand(p_lo, p), groups.expand(p_hi, p)
@@ -488,7 +515,9 @@ def _value_pass(groups: _Groups, p_lo: jax.Array, p_hi: jax.Array, extract: bool
             c = jnp.stack(levels[1][1::2]) - jnp.stack(levels[1][0::2])
             c = jnp.moveaxis(jnp.sum(c, axis=tuple(x + 1 for x in part.axes if x != a), keepdims=True), a + 1, -1)
             lines = c.reshape(c.shape[:1] + groups.shape + c.shape[-1:])
-    return below, upto, stats, lines
+        if groups.cap:
+            blocks = jnp.stack(_pack([levels[1][2 * t + 1] - levels[1][2 * t] for t in range(n_t)], 8))
+    return below, upto, stats, lines, blocks
 
 
 def _select_extracted(groups: _Groups, stats, j: jax.Array, lo: jax.Array, hi: jax.Array):
@@ -543,6 +572,10 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
         jnp.where(open_, 0, k), jnp.where(open_, n, k), (no, zero, zero, zero.astype(jnp.float32)),
         jnp.zeros(k.shape + (groups.n_lines,), jnp.int32) if groups.line else None, no,
     )
+    if groups.cap:
+        (axis, r), first = groups.plans[0][0], list(groups.parts[0].values.shape)
+        first[axis] //= r
+        start = start.replace(blocks=jnp.zeros((-(-k.shape[0] // 4), *first), jnp.int32), counted=no, index=zero - 1)
 
     # the first pass takes its pivots from the sample, later ones interpolate; extract once every
     # open bracket holds (or is expected to hold) few entries
@@ -556,23 +589,26 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
 
     def body(b: _Bracket) -> _Bracket:
         p_lo, p_hi, expected, pin = _interp_pivots(sample, b, k)
-        # extract the whole bracket when it holds few entries or few keys (runs of ties are always
-        # complete) or cannot be narrowed; extracting costs more than counting, but not much: do it
-        # as soon as one bracket is ready
-        whole = (((b.c_hi - b.c_lo <= few) | (b.hi - b.lo < 2)) & ~b.hint[0]) | pin
-        ready = whole | (expected <= few)
+        # a bracket that may be gathered is counted whole (once more if the last pass did not)
+        small = (b.c_hi - b.c_lo <= groups.cap) if groups.cap else no
+        # else extract the whole bracket when it holds few entries or few keys (runs of ties are
+        # always complete) or cannot be narrowed; extracting costs more than counting, but not
+        # much: without gathering, do it as soon as one bracket is ready
+        whole = ((((b.c_hi - b.c_lo <= few) | (b.hi - b.lo < 2)) & ~b.hint[0]) | pin) & ~small
+        ready = whole | ((expected <= few) & ~small if not groups.cap else no)
         extract = jnp.any((b.lo < b.hi) & ready)
         p_lo, p_hi = jnp.where(whole & extract, b.lo, p_lo), jnp.where(whole & extract, b.hi, p_hi)
+        p_lo, p_hi = jnp.where(small, b.lo, p_lo), jnp.where(small, b.hi, p_hi)
 
         def count_only(_):
-            below, upto, _, lines = _value_pass(groups, p_lo, p_hi, extract=False)
-            return below, upto, lines, (p_lo, p_lo, p_lo, below, below, jnp.zeros(k.shape, bool))
+            below, upto, _, lines, blocks = _value_pass(groups, p_lo, p_hi, extract=False)
+            return below, upto, lines, blocks, (p_lo, p_lo, p_lo, below, below, no)
 
         def with_extraction(_):
-            below, upto, stats, lines = _value_pass(groups, p_lo, p_hi, extract=True)
-            return below, upto, lines, _select_extracted(groups, stats, k - below, p_lo, p_hi)
+            below, upto, stats, lines, blocks = _value_pass(groups, p_lo, p_hi, extract=True)
+            return below, upto, lines, blocks, _select_extracted(groups, stats, k - below, p_lo, p_hi)
 
-        below, upto, lines, (a, m, z, c_lt, c_le, complete) = lax.cond(extract, with_extraction, count_only, None)
+        below, upto, lines, blocks, (a, m, z, c_lt, c_le, complete) = lax.cond(extract, with_extraction, count_only, None)
         nb = _update(b, k, p_lo, p_hi, below, upto)
         inside = ~nb.hint[0] & (nb.lo < nb.hi)
         done = inside & complete
@@ -588,15 +624,76 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
             lo=lo, hi=hi, c_lo=jnp.where(done, below + c_lt, nb.c_lo), c_hi=jnp.where(done, below + c_le, nb.c_hi),
             hint=tuple(jnp.where(refine, x, y) for x, y in zip((refine, h_lo, h_hi, jnp.zeros(k.shape)), nb.hint)),
             lines=lines, tallied=(p_lo == lo) & (p_hi == hi) & (lo == hi),
+            blocks=blocks, counted=(p_lo == lo) & (p_hi == hi) if groups.cap else None, index=b.index,
         )
+
+    def gatherable(b: _Bracket) -> jax.Array:
+        return (b.lo < b.hi) & b.counted & (b.c_hi - b.c_lo <= groups.cap) if groups.cap else no
 
     def searching(b: _Bracket) -> jax.Array:
         # with lines, also until the last pass counted the ties of every value that some rank splits
         # (one more pass only where a value was found by a miss or by extraction)
         untallied = (b.c_lo < k) & ~b.tallied if groups.line else False
-        return jnp.any((b.lo < b.hi) | untallied)
+        return jnp.any(((b.lo < b.hi) | untallied) & ~gatherable(b))
 
-    return lax.while_loop(searching, body, start)
+    b = lax.while_loop(searching, body, start)
+    if not groups.cap:
+        return b
+    g = gatherable(b)
+    value, under, index = lax.cond(jnp.any(g), lambda: _gathered(groups, b, k), lambda: (b.lo, b.c_lo, b.index))
+    pick = functools.partial(jnp.where, g)  # c_hi is left as it was: nothing reads it after the search
+    return b.replace(lo=pick(value, b.lo), hi=pick(value, b.hi), c_lo=pick(under, b.c_lo), index=pick(index, b.index))
+
+
+def _gathered(groups: _Groups, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ...]:
+    """The value of each target rank k, the entries below it, and its index threshold, for
+    brackets that the last pass counted whole (`b.blocks`): the first-level blocks that hold
+    candidates are found through superblocks of `_SUPER` (no running sum spans all blocks), read
+    (a gather, which XLA fuses with the part's computation), and their candidates sorted by
+    (key, flat index). At most `groups.cap` candidates per target and group."""
+    part, cap, n_t = groups.parts[0], groups.cap, k.shape[0]
+    (axis, r), shape = groups.plans[0][0], part.values.shape
+    axes, free = sorted(part.axes), [a for a in range(len(shape)) if a not in part.axes]
+    first = [d // r if a == axis else d for a, d in enumerate(shape)]
+    n_groups, n_blocks = math.prod(shape[a] for a in free), math.prod(first[a] for a in axes)
+    rows, n_super = n_t * n_groups, -(-n_blocks // _SUPER)
+    c_super, c_blocks = min(cap, n_super), min(cap, n_blocks)  # the most that hold candidates
+
+    def nonzero(mask, size):  # positions of the first `size` True in each row; the row length after
+        return jax.vmap(lambda m: jnp.nonzero(m, size=size, fill_value=m.shape[0])[0])(mask)
+
+    cand = jnp.stack(_unpack(list(b.blocks), 8, n_t))  # [targets, *first]: candidates per block
+    cand = jnp.transpose(cand, [0] + [a + 1 for a in free + axes]).reshape(rows, n_blocks)
+    cand = jnp.pad(cand, ((0, 0), (0, n_super * _SUPER - n_blocks))).reshape(rows, n_super, _SUPER)
+    sup = nonzero(jnp.sum(cand, axis=-1) > 0, c_super)  # [rows, c_super]: superblocks with candidates
+    c = jnp.take_along_axis(cand, jnp.minimum(sup, n_super - 1)[..., None], axis=1)
+    at = nonzero((jnp.where((sup < n_super)[..., None], c, 0) > 0).reshape(rows, c_super * _SUPER), c_blocks)
+    block = jnp.take_along_axis(sup, jnp.minimum(at // _SUPER, c_super - 1), axis=1) * _SUPER + at % _SUPER
+    valid = (at < c_super * _SUPER)[..., None]  # [rows, c_blocks, 1]
+
+    # the entries of those blocks: [rows, c_blocks, r]
+    index = [None] * len(shape)
+    g = jnp.arange(rows) % n_groups
+    for a, c in zip(free, jnp.unravel_index(g, [shape[a] for a in free]) if free else ()):
+        index[a] = c[:, None, None]
+    for a, c in zip(axes, jnp.unravel_index(jnp.minimum(block, n_blocks - 1), [first[a] for a in axes])):
+        index[a] = c[..., None] * r + jnp.arange(r) if a == axis else c[..., None]
+    keys = Part(part.values[tuple(index)], ()).keys
+    flat, stride = 0, 1
+    for a in reversed(axes):
+        flat, stride = flat + index[a] * stride, stride * shape[a]
+    lo, hi = (x.reshape(rows, 1, 1) for x in (b.lo, b.hi))
+    keep = nonzero((valid & (keys >= lo) & (keys <= hi)).reshape(rows, -1), cap)
+    ok = keep < keys[0].size
+    take = lambda x: jnp.take_along_axis(jnp.broadcast_to(x, keys.shape).reshape(rows, -1), jnp.minimum(keep, keys[0].size - 1), axis=1)  # noqa: E731
+    ck, ci = lax.sort((jnp.where(ok, take(keys), KEY_MAX), jnp.where(ok, take(flat), KEY_MAX)), dimension=1, num_keys=2)
+
+    c_lo = b.c_lo.reshape(rows, 1)
+    j = jnp.clip(k.reshape(rows, 1) - c_lo, 0, cap - 1)
+    value, idx = jnp.take_along_axis(ck, j, axis=1), jnp.take_along_axis(ci, j, axis=1)
+    under = c_lo + jnp.sum(ck < value, axis=1, keepdims=True, dtype=jnp.int32)
+    idx = jnp.where(under == k.reshape(rows, 1), 0, idx)  # no tie below rank k: index 0, as elsewhere
+    return tuple(x.reshape(k.shape) for x in (value, under, idx))
 
 
 # ---------------------------------------------------------------- the index threshold inside a run of ties
@@ -741,7 +838,12 @@ def _sorted_thresholds(part: Part, groups: _Groups, k: jax.Array) -> list[Thresh
 
 
 def rank_thresholds(
-    parts: Sequence[Part], ranks: Sequence[int | jax.Array], *, sample: int | None = None, sharded: bool | None = None
+    parts: Sequence[Part],
+    ranks: Sequence[int | jax.Array],
+    *,
+    sample: int | None = None,
+    sharded: bool | None = None,
+    capacity: int | None = None,
 ) -> list[Threshold]:
     """The composite threshold of each rank k in `ranks` (0 <= k <= group size).
 
@@ -751,18 +853,21 @@ def rank_thresholds(
     pivots; groups that hold no more in all (and at most 2**14 entries: the sort costs more than
     the search beyond, but compiles to far less) are sorted whole. `sharded` (default: whether JAX
     sees several devices) avoids every step whose sharded form is not a local reduction plus an
-    all-reduce: the sample, running sums, blocks that a device's shard may split. Neither changes
-    the result, only the speed.
+    all-reduce: the sample, running sums, blocks that a device's shard may split. `capacity`
+    (default: one in 8192 of a group's entries, at least 512, where that reads little; 0: never;
+    never sharded or with several parts) is the most entries a bracket may hold to be finished by
+    gathering and sorting them. None of these changes the result, only the speed.
     """
-    groups = _Groups(parts, jax.device_count() > 1 if sharded is None else sharded)
+    groups = _Groups(parts, jax.device_count() > 1 if sharded is None else sharded, capacity)
     k = jnp.stack([jnp.broadcast_to(jnp.asarray(r, jnp.int32), groups.shape) for r in ranks])
     budget = _SAMPLE_BUDGET if sample is None else sample
     if not groups.sharded and not groups.multi and groups.size * math.prod(groups.shape) <= min(budget, _SORT_MAX):
         return _sorted_thresholds(parts[0], groups, k)
     b = _value_search(groups, k, budget)
-    j = jnp.where(k == groups.size, 0, k - b.c_lo)  # entries equal to the value that rank below k
+    found = jnp.full(k.shape, -1) if b.index is None else b.index  # index thresholds found by gathering
+    j = jnp.where((k == groups.size) | (found >= 0), 0, k - b.c_lo)  # entries equal to the value that rank below k
     zeros = [jnp.zeros(k.shape, jnp.int32) for _ in parts]
     search = _index_by_count if groups.sharded else functools.partial(_index_search, lines=b.lines)
     index = lax.cond(jnp.any(j > 0), lambda: search(groups, b.lo, j), lambda: zeros)
-    index = [jnp.where(k == groups.size, p.size, i) for p, i in zip(parts, index)]
+    index = [jnp.where(k == groups.size, p.size, jnp.where(found >= 0, found, i)) for p, i in zip(parts, index)]
     return [Threshold(b.lo[t], tuple(i[t] for i in index), b.c_lo[t]) for t in range(len(ranks))]

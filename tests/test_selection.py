@@ -22,7 +22,13 @@ from hypothesis import strategies as st
 
 from breadcrumbs_jax.selection import Part, below, magnitude_keys, rank_thresholds
 
-MODES = [(None, False), (64, False), (None, True)]  # (sample, sharded)
+# (sample, sharded, capacity): the default; counting and block extraction only; gathering small
+# brackets; gathering the first bracket that a pass counted; sharded
+MODES = [(None, False, None), (64, False, 0), (64, False, 24), (64, False, 1 << 20), (None, True, None)]
+
+
+def thresholds(parts, ranks, mode):
+    return rank_thresholds(parts, ranks, sample=mode[0], sharded=mode[1], capacity=mode[2])
 
 
 def np_keys(x: np.ndarray) -> np.ndarray:
@@ -49,8 +55,7 @@ def kernel(axes: tuple[int, ...], n_ranks: int, mode: tuple[int | None, bool]):
     @jax.jit
     def f(x, ranks):
         part = Part(x, axes)
-        thresholds = rank_thresholds([part], [ranks[i] for i in range(n_ranks)], sample=mode[0], sharded=mode[1])
-        return jnp.stack([below(part, t) for t in thresholds])
+        return jnp.stack([below(part, t) for t in thresholds([part], [ranks[i] for i in range(n_ranks)], mode)])
 
     return f
 
@@ -134,7 +139,7 @@ def test_ranks_per_group(mode):
     rng = np.random.default_rng(3)
     x = rng.integers(-5, 6, (3, 30, 20)).astype(np.float32)
     ranks = np.array([0, 250, 600], np.int32).reshape(3, 1, 1)
-    f = jax.jit(lambda x, r: below(Part(x, (1, 2)), rank_thresholds([Part(x, (1, 2))], [r], sample=mode[0], sharded=mode[1])[0]))
+    f = jax.jit(lambda x, r: below(Part(x, (1, 2)), thresholds([Part(x, (1, 2))], [r], mode)[0]))
     np.testing.assert_array_equal(np.asarray(f(x, ranks)), reference_below(x, (1, 2), ranks))
 
 
@@ -154,7 +159,7 @@ def test_several_parts_rank_as_one_group(mode):
     @jax.jit
     def f(*xs):
         parts = [Part(x, tuple(range(1, x.ndim))) for x in xs]
-        ths = rank_thresholds(parts, ranks, sample=mode[0], sharded=mode[1])
+        ths = thresholds(parts, ranks, mode)
         return [[below(p, t, i) for i, p in enumerate(parts)] for t in ths]
 
     got = f(*leaves)
@@ -173,13 +178,31 @@ def test_keys_or_values_give_the_same_thresholds():
         np.testing.assert_array_equal(np.asarray(ta.index[0]), np.asarray(tb.index[0]))
 
 
+@pytest.mark.parametrize("capacity", [None, 0])
 @pytest.mark.parametrize("kind", ["normal", "bf16", "zeros"])
-def test_large_group_uses_block_extraction(kind):
-    # 1M entries per group: two levels of 32-blocks, sampled pivots, extraction of block min/max
+def test_large_group(kind, capacity):
+    # 1M entries per group: two levels of 32-blocks, sampled pivots, then the default gathering of
+    # a small bracket (capacity 512), or extraction of block min/max only (capacity 0)
     x = make(kind, (2, 1024, 1024), 7)
     n = 1024 * 1024
     ranks = [n - 149946 - 7340, n - 7340]  # the Breadcrumbs band of beta 0.85, gamma 0.993
-    check(x, (1, 2), ranks, (None, False))
+    check(x, (1, 2), ranks, (None, False, capacity))
+
+
+@pytest.mark.parametrize("kind", ["bf16", "integers", "zeros"])
+def test_gathering_finds_the_thresholds_of_the_sort(kind):
+    """A search that ends by gathering (a capacity that takes the first bracket counted) gives the
+    thresholds of the sort of small groups: value, index threshold (0 where no entry equal to the
+    value ranks below k) and the count below the value."""
+    x = jnp.asarray(make(kind, (3, 48, 40), 11))
+    n = 48 * 40
+    ranks = [0, 7, n // 3, int(n * 0.85), n - 1, n]
+    want = rank_thresholds([Part(x, (1, 2))], ranks, sharded=False)
+    got = rank_thresholds([Part(x, (1, 2))], ranks, sample=64, sharded=False, capacity=1 << 20)
+    for k, w, g in zip(ranks, want, got):
+        for field in ("value", "under"):
+            np.testing.assert_array_equal(np.asarray(getattr(g, field)), np.asarray(getattr(w, field)), err_msg=f"{field}, rank {k}")
+        np.testing.assert_array_equal(np.asarray(g.index[0]), np.asarray(w.index[0]), err_msg=f"index, rank {k}")
 
 
 @pytest.mark.parametrize("mode", MODES)
