@@ -7,6 +7,7 @@ measured in the same run mean anything), the median over --reps of:
   pass       jnp.abs(x).sum()                          (one read of the leaf)
   write      x * 2                                     (one read and one fresh write)
   select     the two exact thresholds of the Breadcrumbs band (beta 0.85, gamma 0.993)
+  select0    the same without gathering (rank_thresholds(capacity=0): counting and extraction only)
   mask       select + jnp.where(keep, x, 0)            (what MagnitudeBand does)
   sort       jnp.sort(|x|) over the group              (what a sort-based reference costs; <= 16M)
 and checks the kept set against numpy's lexsort (<= 16M) or its count (64M).
@@ -17,6 +18,7 @@ equal magnitudes, so the index tie-break runs); zeros (60% exact zeros, rest nor
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -46,15 +48,15 @@ def make(dist: str, shape, seed=0) -> np.ndarray:
     raise ValueError(dist)
 
 
-def thresholds(x):
+def thresholds(x, capacity=None):
     part = sel.Part(x, tuple(range(1, x.ndim)))
     n_bot, n_keep, _ = BAND.counts(part.size)
-    return part, sel.rank_thresholds([part], [n_bot, n_bot + n_keep])
+    return part, sel.rank_thresholds([part], [n_bot, n_bot + n_keep], capacity=capacity)
 
 
-@jax.jit
-def select(x):
-    _, (lo, hi) = thresholds(x)
+@functools.partial(jax.jit, static_argnames="capacity")
+def select(x, capacity=None):
+    _, (lo, hi) = thresholds(x, capacity)
     return lo, hi
 
 
@@ -69,6 +71,7 @@ FUNCS = {
     "pass": jax.jit(lambda x: jnp.abs(x).sum()),
     "write": jax.jit(lambda x: x * 2),
     "select": select,
+    "select0": functools.partial(select, capacity=0),
     "mask": mask,
     "sort": jax.jit(lambda x: jnp.sort(jnp.abs(x).reshape(x.shape[0], -1), axis=-1)),
 }
@@ -117,7 +120,7 @@ def main():
         shape = (args.tasks, side, (mi << 20) // side)
         x_np = make(args.dist, shape)
         x = jnp.asarray(x_np)
-        names = ["pass", "write", "select", "mask"] + (["sort"] if mi <= 16 else [])
+        names = ["pass", "write", "select", "select0", "mask"] + (["sort"] if mi <= 16 else [])
         t = bench({n: FUNCS[n] for n in names}, (x,), args.reps)
         status = check(x_np, mask(x))
         row = "  ".join(f"{n} {t[n] * 1e3:7.1f} ({t[n] / t['pass']:5.2f}x)" for n in names)

@@ -450,6 +450,7 @@ def _interp_pivots(sample: _Sample, b: _Bracket, k: jax.Array) -> tuple[jax.Arra
     expected = jnp.where(lumpy, inside(n_lo, n_hi) / jnp.maximum(m_s, 1) * r, expected)
     p_lo, p_hi = jnp.where(lumpy, n_lo, p_lo), jnp.where(lumpy, n_hi, p_hi)
     has, h_lo, h_hi, h_n = b.hint
+    has = has & (h_lo <= h_hi)
     p_lo, p_hi, expected = jnp.where(has, h_lo, p_lo), jnp.where(has, h_hi, p_hi), jnp.where(has, h_n, expected)
     # pivots inside the bracket, in order: then every pass narrows it (or resolves it)
     p_lo = jnp.clip(p_lo, b.lo, b.hi)
@@ -480,11 +481,13 @@ def _update(b: _Bracket, k, p_lo, p_hi, c_below, c_upto) -> _Bracket:
              for x, rho in ((d - m, jnp.maximum(near, across)), (d + m, jnp.minimum(near, across)))]
     h_lo = jnp.where(low, jnp.maximum(p_lo - reach[1], lo), jnp.minimum(p_hi + reach[0], hi))
     h_hi = jnp.where(low, jnp.maximum(p_lo - reach[0], lo), jnp.minimum(p_hi + reach[1], hi))
-    expected = (d + m) / jnp.maximum(jnp.minimum(near, across), 1e-30) * across  # entries in [h_lo, h_hi], about
     # with no entries between the pivots the keys are sparse (few distinct values): extract it all
     guess = c_upto - c_below >= 2
-    hint = (low | high, jnp.where(guess, h_lo, lo), jnp.where(guess, h_hi, hi), jnp.where(guess, expected, 0.0))
-    hint = hint[:3] + (jnp.zeros_like(expected),)
+    # after a miss on one key (a run of ties that the sample pointed at), no hint pivots (an empty
+    # pair): the sample's pivots in the new bracket serve better than extrapolation from a run
+    one = p_lo == p_hi
+    h_lo, h_hi = jnp.where(one, 1, jnp.where(guess, h_lo, lo)), jnp.where(one, 0, jnp.where(guess, h_hi, hi))
+    hint = (low | high, h_lo, h_hi, jnp.zeros_like(d))
     return _Bracket(lo, hi, c_lo, c_hi, hint)
 
 
