@@ -11,14 +11,15 @@ each; all targets share one int32 word per entry (8-bit lanes); the bracket shri
 target falls on. Pivots: first from a sorted strided sample of each group (the sample is sorted,
 never the data); then by interpolating the target's rank inside the bracket (the sample decides
 where keys cluster, as runs of ties do; a miss is followed by pivots bracketing the chord and
-tangent estimates). Once a pass has counted a bracket whole and it holds few entries (one in 8192
-of the group, at least 512), the search ends by gathering them: that pass's counts per block of 32
-entries say which blocks hold candidates; only those are read, and their candidates sorted by
-(key, index) give both the value and the index threshold. A pass on a bracket of few distinct keys,
-one that cannot be narrowed, or (without gathering: small groups, several parts, sharded) one
-expected to hold few entries also keeps, per target and block of about 1024 entries, the number,
-min and max of its candidates: unless a block holds three distinct candidates these are all of
-them and give the value at once; otherwise they bound it, and the next pivots split those bounds.
+tangent estimates, or by the sample's after a miss on one key). In a group of at least 2**20
+entries, once a pass has counted a bracket whole and it holds at most one in 8192 of them, the
+search ends by gathering them: that pass's counts per block of 32 entries say which blocks hold
+candidates; only those are read, and their candidates sorted by (key, index) give both the value
+and the index threshold. A pass on a bracket of few distinct keys, one that cannot be narrowed,
+or (without gathering: smaller groups, several parts, sharded) one expected to hold few entries
+also keeps, per target and block of about 1024 entries, the number, min and max of its
+candidates: unless a block holds three distinct candidates these are all of them and give the
+value at once; otherwise they bound it, and the next pivots split those bounds.
 
 Index. Only when the target lies strictly inside a run of equal keys is the index threshold needed.
 It is found by position: a pass counts the tied entries along the first group axis, a running sum of
@@ -59,10 +60,10 @@ _BIAS = 0.003  # extra half-width of an interpolated bracket, as a share of its 
 _BIG = 2.0**30
 _SPREAD = 2.5  # half-width of a sampled bracket, in standard deviations of the sample's rank
 _NEAR = 0.35  # ... and of the pivots where sample keys repeat (fewest passes on bf16 differences)
-_GATHER_SHARE = 8192  # a bracket is gathered when it holds at most one in this many of a group's entries ...
-_GATHER_MIN = 512  # ... or this many, whichever is more, ...
-_GATHER_READ = 8  # ... if reading that many first-level blocks reads at most one in this many entries
+_GATHER_FROM = 1 << 20  # groups of at least this many entries end their search by gathering ...
+_GATHER_SHARE = 8192  # ... a bracket that holds at most one in this many of their entries
 _SUPER = 32  # first-level blocks per superblock, to find the blocks that hold candidates
+_PREFIX = 64  # entries per block of the running sums that find them
 
 
 def magnitude_keys(x: jax.Array) -> jax.Array:
@@ -277,9 +278,8 @@ class _Groups:
             self.cap = 0
         elif capacity is not None:
             self.cap = min(capacity, self.size)
-        else:
-            cap = max(_GATHER_MIN, 1 << (-(-self.size // _GATHER_SHARE) - 1).bit_length())
-            self.cap = cap if cap * plan[0][1] * _GATHER_READ <= self.size else 0
+        else:  # smaller groups: the passes it would save cost less than compiling it (0.4 s a kernel)
+            self.cap = 1 << (-(-self.size // _GATHER_SHARE) - 1).bit_length() if self.size >= _GATHER_FROM else 0
 
     def expand(self, g: jax.Array, p: int, lead: int = 1) -> jax.Array:
         """[*lead, *shape] values against part p's arrays with `lead` extra leading axes."""
@@ -298,7 +298,7 @@ class _Groups:
 class _Bracket:
     """Keys [lo, hi] hold each target's value; c_lo entries lie below lo, c_hi up to hi. `hint`:
     (has one, lo, hi, expected entries between) pivots for the next pass, from a miss or an
-    extraction. Every field is [targets, *groups], but `lines`: the candidates per line that the
+    extraction (lo > hi: the pass missed, but the next pivots are the sample's). Every field is [targets, *groups], but `lines`: the candidates per line that the
     last pass counted ([targets, *groups, lines], with `groups.line`); `tallied`: whether that
     pass's pivots were the resolved value's (the lines then count the entries equal to it).
     With gathering (`groups.cap`): `blocks`, the candidates of each target per first-level block
@@ -648,6 +648,30 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
     return b.replace(lo=pick(value, b.lo), hi=pick(value, b.hi), c_lo=pick(under, b.c_lo), index=pick(index, b.index))
 
 
+def _running_sums(x: jax.Array) -> jax.Array:
+    """Inclusive running sums of int counts (below 2**24) along the last axis: exact float matmuls
+    with a triangular matrix per block of `_PREFIX`, then the same over the block totals. (XLA
+    compiles jnp.cumsum to many more kernels: 0.2 s instead of 0.08 s.)"""
+    n = x.shape[-1]
+    blocks = -(-n // _PREFIX)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, blocks * _PREFIX - n)]).reshape(x.shape[:-1] + (blocks, _PREFIX))
+    upper = (jnp.arange(_PREFIX)[:, None] <= jnp.arange(_PREFIX)).astype(jnp.float32)
+    sums = jnp.matmul(x.astype(jnp.float32), upper, precision=lax.Precision.HIGHEST).astype(jnp.int32)
+    if blocks > 1:
+        totals = sums[..., -1]
+        sums = sums + (_running_sums(totals) - totals)[..., None]
+    return sums.reshape(x.shape[:-2] + (blocks * _PREFIX,))[..., :n]
+
+
+def _positions(mask: jax.Array, size: int) -> jax.Array:
+    """Positions of the first `size` True entries of each row of a [rows, n] mask, in order; n in
+    the slots after the last (as jnp.nonzero(size=, fill_value=n) per row)."""
+    rows, n = mask.shape
+    slot = jnp.where(mask, _running_sums(mask.astype(jnp.int32)) - 1, size)  # out of range: dropped
+    at = jnp.full((rows, size), n, jnp.int32)
+    return at.at[jnp.arange(rows)[:, None], slot].set(jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), mask.shape), mode="drop")
+
+
 def _gathered(groups: _Groups, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ...]:
     """The value of each target rank k, the entries below it, and its index threshold, for
     brackets that the last pass counted whole (`b.blocks`): the first-level blocks that hold
@@ -662,15 +686,12 @@ def _gathered(groups: _Groups, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ..
     rows, n_super = n_t * n_groups, -(-n_blocks // _SUPER)
     c_super, c_blocks = min(cap, n_super), min(cap, n_blocks)  # the most that hold candidates
 
-    def nonzero(mask, size):  # positions of the first `size` True in each row; the row length after
-        return jax.vmap(lambda m: jnp.nonzero(m, size=size, fill_value=m.shape[0])[0])(mask)
-
     cand = jnp.stack(_unpack(list(b.blocks), 8, n_t))  # [targets, *first]: candidates per block
     cand = jnp.transpose(cand, [0] + [a + 1 for a in free + axes]).reshape(rows, n_blocks)
     cand = jnp.pad(cand, ((0, 0), (0, n_super * _SUPER - n_blocks))).reshape(rows, n_super, _SUPER)
-    sup = nonzero(jnp.sum(cand, axis=-1) > 0, c_super)  # [rows, c_super]: superblocks with candidates
+    sup = _positions(jnp.sum(cand, axis=-1) > 0, c_super)  # [rows, c_super]: superblocks with candidates
     c = jnp.take_along_axis(cand, jnp.minimum(sup, n_super - 1)[..., None], axis=1)
-    at = nonzero((jnp.where((sup < n_super)[..., None], c, 0) > 0).reshape(rows, c_super * _SUPER), c_blocks)
+    at = _positions((jnp.where((sup < n_super)[..., None], c, 0) > 0).reshape(rows, c_super * _SUPER), c_blocks)
     block = jnp.take_along_axis(sup, jnp.minimum(at // _SUPER, c_super - 1), axis=1) * _SUPER + at % _SUPER
     valid = (at < c_super * _SUPER)[..., None]  # [rows, c_blocks, 1]
 
@@ -686,7 +707,7 @@ def _gathered(groups: _Groups, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ..
     for a in reversed(axes):
         flat, stride = flat + index[a] * stride, stride * shape[a]
     lo, hi = (x.reshape(rows, 1, 1) for x in (b.lo, b.hi))
-    keep = nonzero((valid & (keys >= lo) & (keys <= hi)).reshape(rows, -1), cap)
+    keep = _positions((valid & (keys >= lo) & (keys <= hi)).reshape(rows, -1), cap)
     ok = keep < keys[0].size
     take = lambda x: jnp.take_along_axis(jnp.broadcast_to(x, keys.shape).reshape(rows, -1), jnp.minimum(keep, keys[0].size - 1), axis=1)  # noqa: E731
     ck, ci = lax.sort((jnp.where(ok, take(keys), KEY_MAX), jnp.where(ok, take(flat), KEY_MAX)), dimension=1, num_keys=2)
@@ -857,8 +878,8 @@ def rank_thresholds(
     the search beyond, but compiles to far less) are sorted whole. `sharded` (default: whether JAX
     sees several devices) avoids every step whose sharded form is not a local reduction plus an
     all-reduce: the sample, running sums, blocks that a device's shard may split. `capacity`
-    (default: one in 8192 of a group's entries, at least 512, where that reads little; 0: never;
-    never sharded or with several parts) is the most entries a bracket may hold to be finished by
+    (default: one in 8192 of a group's entries in groups of at least 2**20; 0: never; never
+    sharded or with several parts) is the most entries a bracket may hold to be finished by
     gathering and sorting them. None of these changes the result, only the speed.
     """
     groups = _Groups(parts, jax.device_count() > 1 if sharded is None else sharded, capacity)
