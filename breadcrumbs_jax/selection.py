@@ -11,7 +11,7 @@ each; all targets share one int32 word per entry (8-bit lanes); the bracket shri
 target falls on. Pivots: first from a sorted strided sample of each group (the sample is sorted,
 never the data); then by interpolating the target's rank inside the bracket (the sample decides
 where keys cluster, as runs of ties do; a miss is followed by pivots bracketing the chord and
-tangent estimates, or by the sample's after a miss on one key). In a group of at least 2**20
+tangent estimates, or by the sample's after a miss on one key). In a group of at least 2**23
 entries, once a pass has counted a bracket whole and it holds at most one in 8192 of them, the
 search ends by gathering them: that pass's counts per block of 32 entries say which blocks hold
 candidates; only those are read, and their candidates sorted by (key, index) give both the value
@@ -60,7 +60,7 @@ _BIAS = 0.003  # extra half-width of an interpolated bracket, as a share of its 
 _BIG = 2.0**30
 _SPREAD = 2.5  # half-width of a sampled bracket, in standard deviations of the sample's rank
 _NEAR = 0.35  # ... and of the pivots where sample keys repeat (fewest passes on bf16 differences)
-_GATHER_FROM = 1 << 20  # groups of at least this many entries end their search by gathering ...
+_GATHER_FROM = 1 << 23  # groups of at least this many entries end their search by gathering ...
 _GATHER_SHARE = 8192  # ... a bracket that holds at most one in this many of their entries
 _SUPER = 32  # first-level blocks per superblock, to find the blocks that hold candidates
 _PREFIX = 64  # entries per block of the running sums that find them
@@ -878,7 +878,7 @@ def rank_thresholds(
     the search beyond, but compiles to far less) are sorted whole. `sharded` (default: whether JAX
     sees several devices) avoids every step whose sharded form is not a local reduction plus an
     all-reduce: the sample, running sums, blocks that a device's shard may split. `capacity`
-    (default: one in 8192 of a group's entries in groups of at least 2**20; 0: never; never
+    (default: one in 8192 of a group's entries in groups of at least 2**23; 0: never; never
     sharded or with several parts) is the most entries a bracket may hold to be finished by
     gathering and sorting them. None of these changes the result, only the speed.
     """

@@ -178,11 +178,12 @@ def test_keys_or_values_give_the_same_thresholds():
         np.testing.assert_array_equal(np.asarray(ta.index[0]), np.asarray(tb.index[0]))
 
 
-@pytest.mark.parametrize("capacity", [None, 0])
+@pytest.mark.parametrize("capacity", [128, 0])
 @pytest.mark.parametrize("kind", ["normal", "bf16", "zeros"])
 def test_large_group(kind, capacity):
-    # 1M entries per group: two levels of 32-blocks, sampled pivots, then the default gathering of
-    # a small bracket (capacity 128), or extraction of block min/max only (capacity 0)
+    # 1M entries per group: two levels of 32-blocks, sampled pivots, then gathering of a small
+    # bracket (capacity 128: one in 8192, the share by default in groups of 2**23 and more), or
+    # extraction of block min/max only (capacity 0)
     x = make(kind, (2, 1024, 1024), 7)
     n = 1024 * 1024
     ranks = [n - 149946 - 7340, n - 7340]  # the Breadcrumbs band of beta 0.85, gamma 0.993
