@@ -72,14 +72,19 @@ def magnitude_keys(x: jax.Array) -> jax.Array:
     return bits & jnp.int32(KEY_MAX)
 
 
+def _row_major(coords: Sequence[jax.Array], dims: Sequence[int]) -> jax.Array:
+    """The row-major position of coordinates `coords` along axes of sizes `dims`."""
+    position, stride = jnp.zeros((), jnp.int32), 1
+    for c, d in zip(reversed(coords), reversed(dims)):
+        position, stride = position + c * stride, stride * d
+    return position
+
+
 def flat_index(shape: Sequence[int], axes: Sequence[int]) -> jax.Array:
     """int32 row-major position of each entry within its group (the entries sharing the other axes)."""
-    idx = jnp.zeros(shape, jnp.int32)
-    stride = 1
-    for ax in sorted(axes, reverse=True):
-        idx = idx + lax.broadcasted_iota(jnp.int32, shape, ax) * stride
-        stride *= shape[ax]
-    return idx
+    axes = sorted(axes)
+    coords = [lax.broadcasted_iota(jnp.int32, shape, ax) for ax in axes]
+    return jnp.broadcast_to(_row_major(coords, [shape[ax] for ax in axes]), shape)
 
 
 def evaluate(source: jax.Array | Callable[[], jax.Array]) -> jax.Array:
@@ -513,13 +518,14 @@ def _value_pass(groups: _Groups, p_lo: jax.Array, p_hi: jax.Array, extract: bool
         if extract:
             fine = levels[groups.at[p]]
             stats.append((jnp.stack(extras[0::2]), jnp.stack(extras[1::2]), jnp.stack(fine[1::2]) - jnp.stack(fine[0::2])))
+        if groups.line or groups.cap:  # candidates per target and first-level block
+            cand = jnp.stack(levels[1][1::2]) - jnp.stack(levels[1][0::2])
         if groups.line:  # levels[1] sums blocks of the first group axis: sum the other group axes
             a = min(part.axes)
-            c = jnp.stack(levels[1][1::2]) - jnp.stack(levels[1][0::2])
-            c = jnp.moveaxis(jnp.sum(c, axis=tuple(x + 1 for x in part.axes if x != a), keepdims=True), a + 1, -1)
+            c = jnp.moveaxis(jnp.sum(cand, axis=tuple(x + 1 for x in part.axes if x != a), keepdims=True), a + 1, -1)
             lines = c.reshape(c.shape[:1] + groups.shape + c.shape[-1:])
         if groups.cap:
-            blocks = jnp.stack(_pack([levels[1][2 * t + 1] - levels[1][2 * t] for t in range(n_t)], 8))
+            blocks = jnp.stack(_pack(list(cand), 8))
     return below, upto, stats, lines, blocks
 
 
@@ -703,9 +709,7 @@ def _gathered(groups: _Groups, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ..
     for a, c in zip(axes, jnp.unravel_index(jnp.minimum(block, n_blocks - 1), [first[a] for a in axes])):
         index[a] = c[..., None] * r + jnp.arange(r) if a == axis else c[..., None]
     keys = Part(part.values[tuple(index)], ()).keys
-    flat, stride = 0, 1
-    for a in reversed(axes):
-        flat, stride = flat + index[a] * stride, stride * shape[a]
+    flat = _row_major([index[a] for a in axes], [shape[a] for a in axes])
     lo, hi = (x.reshape(rows, 1, 1) for x in (b.lo, b.hi))
     keep = _positions((valid & (keys >= lo) & (keys <= hi)).reshape(rows, -1), cap)
     ok = keep < keys[0].size
@@ -813,10 +817,7 @@ def _index_search(groups: _Groups, value: jax.Array, j: jax.Array, lines: jax.Ar
 
     out = []
     for p, (part, (shape, axes)) in enumerate(zip(groups.parts, views)):
-        flat, stride = jnp.zeros_like(j), 1
-        for lv in reversed(range(len(axes))):
-            flat = flat + pos[lv] * stride
-            stride *= shape[axes[lv]]
+        flat = _row_major(pos[: len(axes)], [shape[a] for a in axes])
         out.append(jnp.where(chosen > p, part.size, jnp.where(chosen == p, flat, 0)))
     return out
 
