@@ -1,18 +1,19 @@
-"""Merge kernels kept across processes as serialized `jax.export` modules.
+"""Merge kernels kept across processes as serialized executables.
 
 JAX's persistent cache keeps a compiled executable, but finds it by the lowered module: a warm
-run still traces and lowers every kernel (0.15 s of Python each for a 106M-parameter Llama's
-kernels, where loading the executable takes 0.1 s). The store keeps the lowered module itself,
-under a key of everything that decides it: this package's source, the jax and jaxlib versions,
-the backend, x64, the kernel's static arguments and its argument shapes and dtypes. A hit is
-deserialized and compiled (from the persistent cache, when it holds the executable) without
-tracing anything.
+run still traces and lowers every kernel and hashes the module (0.3 to 0.5 s per kernel of a
+106M-parameter Llama). The store keeps the executable itself, under a key of everything that
+decides it: this package's source, the jax and jaxlib versions, the backend, its version and
+device kind (on CPU, the host's instruction-set flags, which XLA compiles for), x64, the kernel's
+static arguments and its argument shapes and dtypes. A hit is loaded without tracing, lowering or
+compiling anything (0.2 to 0.35 s).
 
 Static arguments must be built of this package's dataclasses (every built-in merge step), exact
-scalars, strings and dtypes; a kernel with anything else (a user-defined step), or one that
-jax.export refuses, is compiled without the store.
+scalars, strings and dtypes; a kernel with anything else (a user-defined step), or one whose
+executable cannot be serialized, is compiled without the store.
 Entries are written to a temporary file, then renamed: concurrent runs share a store safely. An
-unreadable entry is traced again and replaced.
+unreadable entry is compiled again and replaced. Like JAX's persistent cache, the store runs what
+it loads: keep it where only you can write.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import functools
 import hashlib
 import logging
 import os
+import pickle
+import platform
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -30,11 +33,11 @@ from typing import Any
 import jax
 import jaxlib
 import numpy as np
-from jax import export
+from jax.experimental import serialize_executable
 
 log = logging.getLogger(__name__)
 
-_FORMAT = 1  # bumped when what an entry holds changes
+_FORMAT = 2  # bumped when what an entry holds changes
 _store: Path | None = None
 
 
@@ -46,37 +49,42 @@ def use(path: str | os.PathLike | None) -> None:
 
 def compile_kernel(kernel, args: tuple, options: dict):
     """`kernel` (a jitted function) compiled for `args` (ShapeDtypeStructs or arrays) with the static
-    `options`; called as compiled(*args). Taken from the store when it holds it, else traced, and
-    stored when the store is on and the options have a key."""
+    `options`; called as compiled(*args). Loaded from the store when it holds it, else compiled,
+    and stored when the store is on and the options have a key."""
     key = _key(args, options) if _store is not None else None
-    exported = None if key is None else _stored(kernel, args, options, _store / f"{key}.exported")
-    if exported is None:
-        return kernel.trace(*args, **options).lower().compile()
-    return jax.jit(exported.call).trace(*args).lower().compile()
+    path = None if key is None else _store / f"{key}.executable"
+    compiled = None if path is None else _read(path)
+    if compiled is None:
+        compiled = kernel.trace(*args, **options).lower().compile()
+        if path is not None:
+            _store_compiled(compiled, path)
+    return compiled
 
 
-def _stored(kernel, args: tuple, options: dict, path: Path) -> export.Exported | None:
-    """The entry at `path`, exported and written there first if missing; None if jax.export refuses
-    the kernel (a custom call it does not keep)."""
-    exported = _read(path)
-    if exported is None:
-        try:
-            exported = export.export(jax.jit(functools.partial(kernel, **options)))(*args)
-        except Exception as e:
-            log.warning("kernel not stored: jax.export failed (%s)", e)
-            return None
-        _write(path, exported.serialize())
-    return exported
-
-
-def _read(path: Path) -> export.Exported | None:
+def _read(path: Path):
     try:
-        return export.deserialize(bytearray(path.read_bytes()))
+        data = path.read_bytes()
     except FileNotFoundError:
         return None
-    except Exception as e:  # a damaged entry: traced again, and replaced
-        log.warning("kernel store entry %s unreadable (%s); tracing the kernel again", path, e)
+    try:
+        payload, in_tree, out_tree, device_ids = pickle.loads(data)
+        devices = {d.id: d for d in jax.devices()}
+        return serialize_executable.deserialize_and_load(
+            payload, in_tree, out_tree, execution_devices=[devices[i] for i in device_ids])
+    except Exception as e:  # a damaged entry: compiled again, and replaced
+        log.warning("kernel store entry %s unreadable (%s); compiling the kernel again", path, e)
         return None
+
+
+def _store_compiled(compiled, path: Path) -> None:
+    """Writes `compiled`, with the ids of the devices it runs on, to `path`."""
+    try:
+        payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+    except Exception as e:
+        log.warning("kernel not stored: its executable cannot be serialized (%s)", e)
+        return
+    device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+    _write(path, pickle.dumps((payload, in_tree, out_tree, device_ids)))
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -86,19 +94,19 @@ def _write(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except OSError as e:  # a read-only or full store costs the next run a trace, nothing else
+    except OSError as e:  # a read-only or full store costs the next run a compile, nothing else
         log.warning("kernel store entry %s not written (%s)", path, e)
 
 
 def _key(args: tuple, options: dict) -> str | None:
-    """Hex digest of everything that decides the exported module, or None if an option has no
+    """Hex digest of everything that decides the executable, or None if an option has no
     exact canonical form."""
     try:
         options = _canonical(sorted(options.items()))
     except TypeError:
         return None
     described = repr((
-        _FORMAT, _source_digest(), jax.__version__, jaxlib.__version__, jax.default_backend(),
+        _FORMAT, _source_digest(), jax.__version__, jaxlib.__version__, _target(),
         jax.config.jax_enable_x64, options,
         [None if a is None else (tuple(a.shape), str(a.dtype)) for a in args],
     ))
@@ -131,3 +139,19 @@ def _source_digest() -> str:
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+@functools.cache
+def _target() -> tuple[str, ...]:
+    """What an executable is compiled for: the default backend, its version and device kind, and on
+    CPU the host's instruction-set flags (XLA:CPU compiles for the host's features)."""
+    device = jax.devices()[0]
+    target = (jax.default_backend(), device.client.platform_version, device.device_kind)
+    if device.platform != "cpu":
+        return target
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return (*target, platform.machine(), platform.processor(), flags.strip())

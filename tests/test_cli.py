@@ -183,7 +183,7 @@ def test_process_exit_codes(tmp_path, ckpts):
 
 def test_merge_keeps_compiled_kernels_across_runs(tmp_path, ckpts):
     """On one device the CLI keeps its kernels in ~/.cache/breadcrumbs_jax ($XDG_CACHE_HOME), or in
-    $BREADCRUMBS_JAX_CACHE (executables, and the kernel store's lowered modules); `off` keeps none.
+    $BREADCRUMBS_JAX_CACHE (JAX's persistent cache, and the kernel store's executables); `off` keeps none.
     The second run reads them and gives the same bits."""
     d, _, _ = ckpts
     config = write_config(tmp_path / "merge.yaml", d)
@@ -194,7 +194,7 @@ def test_merge_keeps_compiled_kernels_across_runs(tmp_path, ckpts):
     for out in ("a", "b"):
         done = subprocess.run([*cmd, str(tmp_path / out)], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr
-        stored[out] = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "xdg" / "breadcrumbs_jax" / "exported").iterdir()}
+        stored[out] = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "xdg" / "breadcrumbs_jax" / "kernels").iterdir()}
     cached = sorted(p.name for p in (tmp_path / "xdg" / "breadcrumbs_jax").glob("*-cache"))
     assert cached, "no kernel was cached"
     assert stored["a"] and stored["b"] == stored["a"]  # the second run loaded every kernel from the store
