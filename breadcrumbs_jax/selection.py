@@ -432,7 +432,8 @@ def _interp_pivots(sample: _Sample, b: _Bracket, k: jax.Array) -> tuple[jax.Arra
     sample keys close to the target (`_near_pivots`); else around the key where rank k is expected
     if the keys in [lo, hi] were evenly spread, when that agrees with the sample (it does not where
     keys cluster), and the sample's bracket when not. Also the expected number of entries between
-    them, and whether the bracket could not be narrowed."""
+    them, whether the bracket could not be narrowed, and whether the pivots are sample keys that
+    repeat (runs of ties)."""
     r = jnp.maximum(b.c_hi - b.c_lo, 1).astype(jnp.float32)
     width = (b.hi - b.lo).astype(jnp.float32) + 1.0
     off = jnp.floor(((k - b.c_lo).astype(jnp.float32) + 0.5) / r * width)
@@ -457,17 +458,19 @@ def _interp_pivots(sample: _Sample, b: _Bracket, k: jax.Array) -> tuple[jax.Arra
     has, h_lo, h_hi, h_n = b.hint
     has = has & (h_lo <= h_hi)
     p_lo, p_hi, expected = jnp.where(has, h_lo, p_lo), jnp.where(has, h_hi, p_hi), jnp.where(has, h_n, expected)
+    runs = lumpy & ~has
     # pivots inside the bracket, in order: then every pass narrows it (or resolves it)
     p_lo = jnp.clip(p_lo, b.lo, b.hi)
     p_hi = jnp.clip(p_hi, p_lo, b.hi)
     pin = (p_lo == b.lo) & (p_hi == b.hi)  # counting there would not narrow the bracket
     p_lo, p_hi = jnp.where(pin, center, p_lo), jnp.where(pin, center, p_hi)
-    return p_lo, p_hi, jnp.where(pin, 1.0, expected), pin
+    return p_lo, p_hi, jnp.where(pin, 1.0, expected), pin, runs & ~pin
 
 
-def _update(b: _Bracket, k, p_lo, p_hi, c_below, c_upto) -> _Bracket:
+def _update(b: _Bracket, k, p_lo, p_hi, c_below, c_upto, runs) -> _Bracket:
     """The part of [lo, hi] that holds rank k, given the counts below p_lo and up to p_hi. After a
-    miss, hint pivots extrapolated from the density of entries between the pivots."""
+    miss, hint pivots extrapolated from the density of entries between the pivots, unless they
+    were one key or `runs` (sample keys that repeat)."""
     fixed = b.lo == b.hi  # resolved (or k == 0 or k == n): keep
     low, high = ~fixed & (k < c_below), ~fixed & (k >= c_upto)
     inner = ~fixed & ~low & ~high
@@ -488,9 +491,9 @@ def _update(b: _Bracket, k, p_lo, p_hi, c_below, c_upto) -> _Bracket:
     h_hi = jnp.where(low, jnp.maximum(p_lo - reach[0], lo), jnp.minimum(p_hi + reach[1], hi))
     # with no entries between the pivots the keys are sparse (few distinct values): extract it all
     guess = c_upto - c_below >= 2
-    # after a miss on one key (a run of ties that the sample pointed at), no hint pivots (an empty
-    # pair): the sample's pivots in the new bracket serve better than extrapolation from a run
-    one = p_lo == p_hi
+    # after a miss on one key or on runs of ties that the sample pointed at, no hint pivots (an
+    # empty pair): the sample's pivots in the new bracket serve better than extrapolation from runs
+    one = (p_lo == p_hi) | runs
     h_lo, h_hi = jnp.where(one, 1, jnp.where(guess, h_lo, lo)), jnp.where(one, 0, jnp.where(guess, h_hi, hi))
     hint = (low | high, h_lo, h_hi, jnp.zeros_like(d))
     return _Bracket(lo, hi, c_lo, c_hi, hint)
@@ -597,7 +600,7 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
     few = n if not any(groups.at) else max(2.0, _FEW * groups.blocks)  # blocks of one entry are always complete
 
     def body(b: _Bracket) -> _Bracket:
-        p_lo, p_hi, expected, pin = _interp_pivots(sample, b, k)
+        p_lo, p_hi, expected, pin, runs = _interp_pivots(sample, b, k)
         # a bracket that may be gathered is counted whole (once more if the last pass did not)
         small = (b.c_hi - b.c_lo <= groups.cap) if groups.cap else no
         # else extract the whole bracket when it holds few entries or few keys (runs of ties are
@@ -618,7 +621,7 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
             return below, upto, lines, blocks, _select_extracted(groups, stats, k - below, p_lo, p_hi)
 
         below, upto, lines, blocks, (a, m, z, c_lt, c_le, complete) = lax.cond(extract, with_extraction, count_only, None)
-        nb = _update(b, k, p_lo, p_hi, below, upto)
+        nb = _update(b, k, p_lo, p_hi, below, upto, runs)
         inside = ~nb.hint[0] & (nb.lo < nb.hi)
         done = inside & complete
         # next pivots from the extraction's bounds: [a, m] (the target lies in it or above m, about
