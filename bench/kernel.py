@@ -34,10 +34,10 @@ from breadcrumbs_jax.steps import LeafContext
 METHODS = {"breadcrumbs": bj.breadcrumbs(1.0, density=0.1, gamma_top=0.01), "ties": bj.ties(1.0, density=0.2)}
 
 
-def inputs(tasks: int, side: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    base = (rng.standard_normal((side, side), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
-    noise = rng.standard_normal((tasks, side, side), dtype=np.float32) * 0.002
+def inputs(tasks: int, shape: tuple[int, ...], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    base = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    noise = rng.standard_normal((tasks, *shape), dtype=np.float32) * 0.002
     return base, (base.astype(np.float32)[None] + noise).astype(ml_dtypes.bfloat16)
 
 
@@ -70,7 +70,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--method", default="breadcrumbs", choices=sorted(METHODS))
     args = ap.parse_args()
-    base, stack = (jax.device_put(x) for x in inputs(args.tasks, args.side))
+    base, stack = (jax.device_put(x) for x in inputs(args.tasks, (args.side, args.side)))
     tau = jax.block_until_ready(_stack_tau(base, stack))
     t = bench(parts(METHODS[args.method], base, stack), (base, stack, tau), args.reps)
     print(f"jax {jax.__version__}; {args.method}; T={args.tasks} x {args.side}x{args.side} bfloat16; "

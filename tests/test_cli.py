@@ -1,6 +1,7 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -179,6 +180,28 @@ def test_process_exit_codes(tmp_path, ckpts):
     assert bad.returncode == 2 and bad.stderr.strip().endswith("none: no such file or directory")
     usage = subprocess.run([*cmd, "merge"], capture_output=True, text=True)
     assert usage.returncode == 2
+
+
+def test_kernels_from_jax_cache_are_not_stored(tmp_path, ckpts):
+    """A kernel that JAX's persistent cache gives (its store entry gone, e.g. after an upgrade)
+    is not stored: re-serialized, it lacked its code, and the next run failed ("Function ... not
+    found"). Every run gives the same bits."""
+    d, _, _ = ckpts
+    config = write_config(tmp_path / "merge.yaml", d)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
+    env["BREADCRUMBS_JAX_CACHE"] = str(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "breadcrumbs_jax.cli", "merge", config]
+    kernels = tmp_path / "cache" / "kernels"
+    for out in ("a", "b", "c"):
+        done = subprocess.run([*cmd, str(tmp_path / out)], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        if out == "a":
+            assert any(kernels.iterdir())
+            shutil.rmtree(kernels)
+        else:
+            assert not kernels.exists() or not any(kernels.iterdir())
+    assert same_bits(io.load(tmp_path / "a"), io.load(tmp_path / "b"))
+    assert same_bits(io.load(tmp_path / "a"), io.load(tmp_path / "c"))
 
 
 def test_merge_keeps_compiled_kernels_across_runs(tmp_path, ckpts):
