@@ -11,8 +11,8 @@ each; all targets share one int32 word per entry (8-bit lanes); the bracket shri
 target falls on. Pivots: first from a sorted strided sample of each group (the sample is sorted,
 never the data); then by interpolating the target's rank inside the bracket (the sample decides
 where keys cluster, as runs of ties do; a miss is followed by pivots bracketing the chord and
-tangent estimates, or by the sample's after a miss on repeating sample keys). In a group of at least 2**23
-entries, once a pass has counted a bracket whole and it holds at most one in 8192 of them, the
+tangent estimates, or by the sample's after a miss on repeating sample keys). In a group of at
+least 2**23 entries, once a pass has counted a bracket whole and it holds at most one in 8192 of them, the
 search ends by gathering them: that pass's counts per block of 32 entries say which blocks hold
 candidates; only those are read, and their candidates sorted by (key, index) give both the value
 and the index threshold. A pass on a bracket of few distinct keys, one that cannot be narrowed,
