@@ -12,12 +12,12 @@ target falls on. Pivots: first from a sorted strided sample of each group (the s
 never the data); then by interpolating the target's rank inside the bracket (the sample decides
 where keys cluster, as runs of ties do; a miss is followed by pivots bracketing the chord and
 tangent estimates, or by the sample's after a miss on repeating sample keys). In a group of at
-least 2**23 entries, once a pass has counted a bracket whole and it holds at most one in 8192 of them, the
-search ends by gathering them: that pass's counts per block of 32 entries say which blocks hold
-candidates; only those are read, and their candidates sorted by (key, index) give both the value
-and the index threshold. A pass on a bracket of few distinct keys, one that cannot be narrowed,
-or (without gathering: smaller groups, several parts, sharded) one expected to hold few entries
-also keeps, per target and block of about 1024 entries, the number, min and max of its
+least 2**23 entries, once a pass has counted a bracket whole and it holds at most one in 8192 of
+them, the search ends by gathering them: that pass's counts per block of 32 entries say which
+blocks hold candidates; only those are read, and their candidates sorted by (key, index) give both
+the value and the index threshold. A pass on a bracket of few distinct keys, one that cannot be
+narrowed, or (without gathering: smaller groups, several parts, sharded) one expected to hold few
+entries also keeps, per target and block of about 1024 entries, the number, min and max of its
 candidates: unless a block holds three distinct candidates these are all of them and give the
 value at once; otherwise they bound it, and the next pivots split those bounds.
 
