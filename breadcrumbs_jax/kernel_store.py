@@ -6,9 +6,10 @@ run first traces and lowers every kernel and hashes the module (0.35 to 0.45 s p
 itself, under a key of everything that decides it: this package's source, the jax and jaxlib
 versions, the backend, its version and device kind (on CPU, the host's instruction-set flags,
 which XLA compiles for), x64, the kernel's static arguments and its argument shapes and dtypes.
-A hit is loaded without tracing, lowering or compiling anything (0.05 to 0.4 s). A kernel that
-JAX's persistent cache gives (compiled by a run with another key, e.g. before an upgrade) is not
-stored: serialized again, it would lack its code.
+A hit is loaded without tracing, lowering or compiling anything (0.05 to 0.4 s). A miss is
+compiled under a name made of the key, so JAX's persistent cache gives it only where it was stored
+before (and the entry since lost); such an executable is not stored again: serialized again, it
+would lack its code.
 
 Static arguments must be built of this package's dataclasses (every built-in merge step), exact
 scalars, strings and dtypes; a kernel with anything else (a user-defined step), or one whose
@@ -66,16 +67,30 @@ def compile_kernel(kernel, args: tuple, options: dict):
     `options`; called as compiled(*args). Loaded from the store when it holds it, else compiled,
     and stored when the store is on and the options have a key."""
     key = _key(args, options) if _store is not None else None
-    path = None if key is None else _store / f"{key}.executable"
-    compiled = None if path is None else _read(path)
+    if key is None:
+        return kernel.trace(*args, **options).lower().compile()
+    path = _store / f"{key}.executable"
+    compiled = _read(path)
     if compiled is None:
         hits = getattr(_hits, "n", 0)
-        compiled = kernel.trace(*args, **options).lower().compile()
+        compiled = jax.jit(_named(kernel, options, key)).trace(*args).lower().compile()
         # an executable JAX's persistent cache gave serializes without its code (jax 0.10.2, CPU):
         # it is not stored, and the next run takes it from that cache again
-        if path is not None and getattr(_hits, "n", 0) == hits:
+        if getattr(_hits, "n", 0) == hits:
             _store_compiled(compiled, path)
     return compiled
+
+
+def _named(kernel, options: dict, key: str):
+    """`kernel` with its static `options`, as a function named after the store key: JAX's
+    persistent cache keys a module by its name too, so it holds this kernel only from a run that
+    also stored it (not from one with another key, e.g. before an upgrade)."""
+
+    def call(*args):
+        return kernel(*args, **options)
+
+    call.__name__ = call.__qualname__ = f"stored_kernel_{key[:16]}"
+    return call
 
 
 def _read(path: Path):

@@ -78,6 +78,19 @@ def test_key_separates_whatever_decides_the_kernel(monkeypatch):
     assert len({key, *others}) == 1 + len(others)
 
 
+def test_a_kernel_compiled_for_the_store_is_a_module_named_by_its_key(store):
+    """JAX's persistent cache keys a module by its name too: it cannot give a kernel stored under
+    another key (before an upgrade), whose executable, serialized again, would lack its code."""
+    names = set()
+    for method in (METHOD, bj.breadcrumbs(0.8, density=0.3, gamma_top=0.05, weights=(1.0, 0.7))):
+        key = kernel_store._key(signature(), options(method))
+        named = jax.jit(kernel_store._named(merge_module._merge_kernel, options(method), key))
+        text = named.trace(*signature()).lower().as_text()
+        names.add(f"stored_kernel_{key[:16]}")
+        assert f"stored_kernel_{key[:16]}" in text
+    assert len(names) == 2
+
+
 def test_key_is_the_same_in_another_process():
     code = (
         "import jax, jax.numpy as jnp, numpy as np, breadcrumbs_jax as bj\n"
