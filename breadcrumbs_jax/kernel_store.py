@@ -13,8 +13,7 @@ would lack its code.
 
 Static arguments must be built of this package's dataclasses (every built-in merge step), exact
 scalars, strings and dtypes; a kernel with anything else (a user-defined step), or one whose
-executable cannot be serialized (one that sorts, when JAX already compiled it in this process to
-run a call and gives that executable again), is compiled without the store.
+executable cannot be serialized, is compiled without the store.
 Entries are written to a temporary file, then renamed: concurrent runs share a store safely. An
 unreadable entry is compiled again and replaced. Like JAX's persistent cache, the store runs what
 it loads: keep it where only you can write.

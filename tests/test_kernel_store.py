@@ -19,9 +19,6 @@ METHOD = bj.breadcrumbs(0.8, density=0.3, gamma_top=0.05, weights=(1.0, 0.6))
 
 @pytest.fixture
 def store(tmp_path):
-    """A fresh store, in a process whose kernels are all compiled again (an executable JAX compiled
-    to run a call, and gives again from its in-memory cache, may not serialize: sorts do not)."""
-    jax.clear_caches()
     kernel_store.use(tmp_path / "store")
     yield tmp_path / "store"
     kernel_store.use(None)
