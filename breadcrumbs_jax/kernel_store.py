@@ -44,12 +44,18 @@ log = logging.getLogger(__name__)
 _FORMAT = 2  # bumped when what an entry holds changes
 _store: Path | None = None
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
-_hits = threading.local()  # JAX persistent-cache hits of this thread's compiles
+
+
+class _Hits(threading.local):
+    n = 0  # JAX persistent-cache hits of this thread's compiles
+
+
+_hits = _Hits()
 
 
 def _count_hit(event: str, **_) -> None:
     if event == _CACHE_HIT:
-        _hits.n = getattr(_hits, "n", 0) + 1
+        _hits.n += 1
 
 
 jax.monitoring.register_event_listener(_count_hit)
@@ -71,11 +77,11 @@ def compile_kernel(kernel, args: tuple, options: dict):
     path = _store / f"{key}.executable"
     compiled = _read(path)
     if compiled is None:
-        hits = getattr(_hits, "n", 0)
+        hits = _hits.n
         compiled = jax.jit(_named(kernel, options, key)).trace(*args).lower().compile()
         # an executable JAX's persistent cache gave serializes without its code (jax 0.10.2, CPU):
         # it is not stored, and the next run takes it from that cache again
-        if getattr(_hits, "n", 0) == hits:
+        if _hits.n == hits:
             _store_compiled(compiled, path)
     return compiled
 
