@@ -117,7 +117,7 @@ def child_ours(config: str, out: str, times: str) -> None:
     st.SafetensorsSource.read = timed(st.SafetensorsSource.read, "read")
     st.SafetensorsSink.write = timed(st.SafetensorsSink.write, "write")
     start = time.perf_counter()
-    code = cli.main(["merge", config, out, "--overwrite", "--no-progress"])
+    code = cli.program(["merge", config, out, "--overwrite", "--no-progress"])
     spent["total"] = time.perf_counter() - start
     Path(times).write_text(json.dumps(spent))
     sys.exit(code)

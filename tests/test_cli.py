@@ -182,6 +182,21 @@ def test_process_exit_codes(tmp_path, ckpts):
     assert usage.returncode == 2
 
 
+def test_program_runs_main_in_a_tuned_process(tmp_path, ckpts):
+    """`program` (the console script and `python -m breadcrumbs_jax.cli`) gives main's exit codes
+    and output, with glibc keeping freed blocks of up to 32 MiB for reuse and the imported
+    commands' objects frozen out of garbage collection."""
+    d, _, _ = ckpts
+    script = ("import gc, sys; from breadcrumbs_jax import cli; code = cli.program(sys.argv[1:]); "
+              "print('frozen', gc.get_freeze_count() > 0, 'kept', cli._keep_freed_memory()); sys.exit(code)")
+    cmd = [sys.executable, "-c", script]
+    ok = subprocess.run([*cmd, "inspect", str(d / "ft1.msgpack")], capture_output=True, text=True)
+    assert ok.returncode == 0 and "msgpack (flax layout): 4 leaves" in ok.stdout
+    assert ok.stdout.strip().endswith(f"frozen True kept {sys.platform == 'linux'}")
+    bad = subprocess.run([*cmd, "inspect", str(tmp_path / "none")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "none: no such file or directory" in bad.stderr
+
+
 def test_kernels_from_jax_cache_are_not_stored(tmp_path, ckpts):
     """A kernel that JAX's persistent cache gives (its store entry gone, e.g. after an upgrade)
     is not stored: re-serialized, it lacked its code, and the next run failed ("Function ... not
