@@ -26,14 +26,14 @@ It is found by position: a pass counts the tied entries along the first group ax
 these few counts picks the line that holds the target, and the same is done inside that line, which
 is all that is read of it (a gather that XLA fuses with the part's computation).
 
-Every pass is a reduction over the group's axes (variadic, in blocks of 32 along one axis, then the
-rest: XLA:CPU compiles a reduction fused with elementwise work over many axes to a loop several times
-slower than a pass). In `sharded` mode (the default when JAX sees several devices; a merge uses
-it when a leaf spans several) every data-dependent step is a local reduction plus a small
-all-reduce: the block counts divide by the device count, there is no sample, and the index
-threshold is found by the same counting search on the positions of the tied entries. A group may
-span several arrays ("parts", e.g. all leaves of a task vector for `global` granularity); ties are
-then ordered by part, then by flat index in the part.
+Every pass is a reduction over the group's axes (variadic, in blocks of 32 along one axis, the
+minor one where it can, then the rest: XLA:CPU compiles a reduction fused with elementwise work
+over many axes to a loop several times slower than a pass). In `sharded` mode (the default when JAX
+sees several devices; a merge uses it when a leaf spans several) every data-dependent step is a
+local reduction plus a small all-reduce: the block counts divide by the device count, there is no
+sample, and the index threshold is found by the same counting search on the positions of the tied
+entries. A group may span several arrays ("parts", e.g. all leaves of a task vector for `global`
+granularity); ties are then ordered by part, then by flat index in the part.
 """
 
 from __future__ import annotations
@@ -152,15 +152,16 @@ def below(part: Part, thr: Threshold, p: int = 0) -> jax.Array:
 def _block_plan(shape: Sequence[int], axes: Sequence[int], levels: int = 2, devices: int = 1) -> tuple[tuple[int, int], ...]:
     """Up to `levels` block reductions (axis, factor) over group axes: the largest factor <= 32 that
     divides an axis into a number of blocks that `devices` divides (so that, sharded over any of
-    them, an axis splits into whole blocks on each device), preferring an axis that is not the
-    minor one."""
+    them, an axis splits into whole blocks on each device), preferring the minor axis. XLA:CPU
+    vectorises blocks of adjacent entries; blocks across rows read with a stride of a row, which
+    on rows of a power-of-two size (LLM widths) thrashes the cache: such passes were 3x slower."""
     plan, shape = [], list(shape)
     for _ in range(levels):
         options = []
         for a in axes:
             r = next((r for r in range(_BLOCK, 3, -1) if shape[a] % r == 0 and shape[a] // r % devices == 0), None)
             if r is not None:
-                options.append((r, a != len(shape) - 1, shape[a], a))
+                options.append((r, a == len(shape) - 1, shape[a], a))
         if not options:
             break
         r, _, _, a = max(options)
@@ -261,11 +262,12 @@ class _Groups:
         if self.size >= KEY_MAX:
             raise ValueError(f"a group of {self.size} entries does not fit int32 counts")
         self.plans = tuple(_block_plan(p.values.shape, p.axes, devices=jax.device_count() if sharded else 1) for p in parts)
-        # lines of the positional index search: blocks of the first group axis, when the first level
-        # of the block plan sums them (the value passes then count the ties per line)
-        first = self.plans[0][0] if self.plans[0] else None
-        self.line = None if sharded or self.multi or not first or first[0] != min(parts[0].axes) else first[1]
-        self.n_lines = parts[0].values.shape[first[0]] // self.line if self.line else 0
+        # lines of the positional index search: blocks of the first group axis when the first level
+        # of the block plan sums them, else its single entries (the value passes count the ties per
+        # line from that level)
+        first, a = (self.plans[0][0], min(parts[0].axes)) if self.plans[0] else (None, None)
+        self.line = None if sharded or self.multi or not first else first[1] if first[0] == a else 1
+        self.n_lines = parts[0].values.shape[a] // self.line if self.line else 0
         # extraction keeps one min/max per block at the coarsest level with enough blocks per group,
         # and at least the first (blocks of one entry would make its statistics leaf-sized)
         self.at, self.blocks = [], 0
@@ -523,7 +525,7 @@ def _value_pass(groups: _Groups, p_lo: jax.Array, p_hi: jax.Array, extract: bool
             stats.append((jnp.stack(extras[0::2]), jnp.stack(extras[1::2]), jnp.stack(fine[1::2]) - jnp.stack(fine[0::2])))
         if groups.line or groups.cap:  # candidates per target and first-level block
             cand = jnp.stack(levels[1][1::2]) - jnp.stack(levels[1][0::2])
-        if groups.line:  # levels[1] sums blocks of the first group axis: sum the other group axes
+        if groups.line:  # levels[1] holds the lines of the first group axis: sum the other group axes
             a = min(part.axes)
             c = jnp.moveaxis(jnp.sum(cand, axis=tuple(x + 1 for x in part.axes if x != a), keepdims=True), a + 1, -1)
             lines = c.reshape(c.shape[:1] + groups.shape + c.shape[-1:])
@@ -735,6 +737,8 @@ def _lines(part: Part, line: int | None = None) -> tuple[tuple[int, ...], tuple[
     axis is split into blocks of that many (the lines the value passes count); else a single group
     axis is split in two near its square root, so that no running sum spans a whole group."""
     shape, axes = tuple(part.values.shape), tuple(sorted(part.axes))
+    if line == 1:
+        return shape, axes
     if line:
         a = axes[0]
         return shape[:a] + (shape[a] // line, line) + shape[a + 1 :], (a, a + 1) + tuple(x + 1 for x in axes[1:])
@@ -897,5 +901,7 @@ def rank_thresholds(
     zeros = [jnp.zeros(k.shape, jnp.int32) for _ in parts]
     search = _index_by_count if groups.sharded else functools.partial(_index_search, lines=b.lines)
     index = lax.cond(jnp.any(j > 0), lambda: search(groups, b.lo, j), lambda: zeros)
-    index = [jnp.where(k == groups.size, p.size, jnp.where(found >= 0, found, i)) for p, i in zip(parts, index)]
+    # j == 0: no entry equal to the value ranks below k, so index 0 (the search's lines may be stale there)
+    index = [jnp.where(k == groups.size, p.size, jnp.where(found >= 0, found, jnp.where(j > 0, i, 0)))
+             for p, i in zip(parts, index)]
     return [Threshold(b.lo[t], tuple(i[t] for i in index), b.c_lo[t]) for t in range(len(ranks))]
