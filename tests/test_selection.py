@@ -127,7 +127,7 @@ def test_ties_straddle_both_thresholds(mode):
 
 def test_no_tie_below_the_rank_in_one_group_while_another_searches():
     # group 0's value is found with no tie below rank 216 (index 0) while group 1 needs the index
-    # search, whose per-line counts are group 0's from an earlier pass (found by hypothesis)
+    # search, whose per-line counts for group 0 are from an earlier pass (found by hypothesis)
     check(make("zeros", (2, 4, 6, 10), 1), (1, 2, 3), [0, 1, 216], MODES[1])
 
 
