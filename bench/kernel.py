@@ -27,6 +27,7 @@ import numpy as np
 from selection import bench
 
 import breadcrumbs_jax as bj
+from breadcrumbs_jax import kernel_store
 from breadcrumbs_jax.merge import _finite, _merge_kernel, _stack_tau
 from breadcrumbs_jax.selection import Part
 from breadcrumbs_jax.steps import LeafContext
@@ -43,7 +44,7 @@ def inputs(tasks: int, shape: tuple[int, ...], seed: int = 0) -> tuple[np.ndarra
 
 def parts(method, base, stack) -> dict:
     sel, ctx = method.selector, LeafContext()
-    lo, hi = jax.jit(lambda b, s: sel._select(lambda: _stack_tau(b, s), ctx)[1:])(base, stack)
+    lo, hi = kernel_store.jit(lambda b, s: sel._select(lambda: _stack_tau(b, s), ctx)[1:])(base, stack)
     axes = tuple(range(1, stack.ndim))
     unknown_under = dataclasses.replace(hi, under=None)
 
@@ -52,14 +53,14 @@ def parts(method, base, stack) -> dict:
         return jnp.where(keep, _stack_tau(b, s), 0.0)
 
     return {
-        "pass": jax.jit(lambda b, s, tau: jnp.abs(tau).sum()),
-        "tau": jax.jit(lambda b, s, _: _stack_tau(b, s).sum()),
-        "finite": jax.jit(lambda b, s, _: _finite(b, s)),
-        "mask": jax.jit(mask),
-        "stats": jax.jit(lambda b, s, _: sel._rank_stats(Part(lambda: _stack_tau(b, s), axes), lo, hi)),
-        "stats_pass": jax.jit(lambda b, s, _: sel._rank_stats(Part(lambda: _stack_tau(b, s), axes), lo, unknown_under)),
-        "kernel": jax.jit(lambda b, s, _: _merge_kernel(
-            b, s, jnp.uint32(0), None, method=method, out_axis=None, out_dtype=np.dtype(ml_dtypes.bfloat16))),
+        "pass": kernel_store.jit(lambda b, s, tau: jnp.abs(tau).sum()),
+        "tau": kernel_store.jit(lambda b, s, _: _stack_tau(b, s).sum()),
+        "finite": kernel_store.jit(lambda b, s, _: _finite(b, s)),
+        "mask": kernel_store.jit(mask),
+        "stats": kernel_store.jit(lambda b, s, _: sel._rank_stats(Part(lambda: _stack_tau(b, s), axes), lo, hi)),
+        "stats_pass": kernel_store.jit(lambda b, s, _: sel._rank_stats(Part(lambda: _stack_tau(b, s), axes), lo, unknown_under)),
+        "kernel": lambda b, s, _: _merge_kernel(
+            b, s, jnp.uint32(0), None, method=method, out_axis=None, out_dtype=np.dtype(ml_dtypes.bfloat16)),
     }
 
 

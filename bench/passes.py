@@ -43,8 +43,9 @@ def main():
     args = ap.parse_args()
     counts, total = counted_passes(), collections.Counter()
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    kernel = jax.jit(lambda b, s: _merge_kernel(
-        b, s, jnp.uint32(0), None, method=METHODS["breadcrumbs"], out_axis=None, out_dtype=bf16))
+    def kernel(b, s):
+        return _merge_kernel(b, s, jnp.uint32(0), None, method=METHODS["breadcrumbs"], out_axis=None, out_dtype=bf16)
+
     print(f"jax {jax.__version__}; breadcrumbs; T={args.tasks}; bfloat16; value passes (count + extract)")
     for view in args.views.split(","):
         shape = tuple(int(d) for d in view.split("x"))

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from breadcrumbs_jax import kernel_store
 from breadcrumbs_jax import selection as sel
 from breadcrumbs_jax.band import Band
 
@@ -54,13 +55,13 @@ def thresholds(x, capacity=None):
     return part, sel.rank_thresholds([part], [n_bot, n_bot + n_keep], capacity=capacity)
 
 
-@functools.partial(jax.jit, static_argnames="capacity")
+@functools.partial(kernel_store.jit, static_argnames="capacity")
 def select(x, capacity=None):
     _, (lo, hi) = thresholds(x, capacity)
     return lo, hi
 
 
-@jax.jit
+@kernel_store.jit
 def mask(x):
     part, (lo, hi) = thresholds(x)
     keep = sel.below(part, hi) & ~sel.below(part, lo)
@@ -68,12 +69,12 @@ def mask(x):
 
 
 FUNCS = {
-    "pass": jax.jit(lambda x: jnp.abs(x).sum()),
-    "write": jax.jit(lambda x: x * 2),
+    "pass": kernel_store.jit(lambda x: jnp.abs(x).sum()),
+    "write": kernel_store.jit(lambda x: x * 2),
     "select": select,
     "select0": functools.partial(select, capacity=0),
     "mask": mask,
-    "sort": jax.jit(lambda x: jnp.sort(jnp.abs(x).reshape(x.shape[0], -1), axis=-1)),
+    "sort": kernel_store.jit(lambda x: jnp.sort(jnp.abs(x).reshape(x.shape[0], -1), axis=-1)),
 }
 
 

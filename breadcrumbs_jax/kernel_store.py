@@ -1,15 +1,16 @@
-"""Merge kernels kept across processes as serialized executables.
+"""How merge kernels compile (`compiler_options`, `jit`), and how they are kept across processes
+as serialized executables.
 
 JAX's persistent cache keeps a compiled executable, but finds it by the lowered module: a warm
 run first traces and lowers every kernel and hashes the module (0.35 to 0.45 s per kernel of a
 106M-parameter Llama, more than loading the executable takes). The store keeps the executable
 itself, under a key of everything that decides it: this package's source, the jax and jaxlib
 versions, the backend, its version and device kind (on CPU, the host's instruction-set flags,
-which XLA compiles for), x64, the kernel's static arguments and its argument shapes and dtypes.
-A hit is loaded without tracing, lowering or compiling anything (0.05 to 0.4 s). A miss is
-compiled under a name made of the key, so JAX's persistent cache gives it only where it was stored
-before (and the entry since lost); such an executable is not stored again: serialized again, it
-would lack its code.
+which XLA compiles for), the compiler options, x64, the kernel's static arguments and its argument
+shapes and dtypes. A hit is loaded without tracing, lowering or compiling anything (0.05 to 0.4 s).
+A miss is compiled under a name made of the key, so JAX's persistent cache gives it only where it
+was stored before (and the entry since lost); such an executable is not stored again: serialized
+again, it would lack its code.
 
 Static arguments must be built of this package's dataclasses (every built-in merge step), exact
 scalars, strings and dtypes; a kernel with anything else (a user-defined step), or one whose
@@ -30,6 +31,7 @@ import pickle
 import platform
 import tempfile
 import threading
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,10 @@ log = logging.getLogger(__name__)
 _FORMAT = 2  # bumped when what an entry holds changes
 _store: Path | None = None
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
+# XLA:CPU's classic fusion emitters at LLVM -O1 compile a merge kernel in 0.55x to 0.65x the time
+# of its defaults (MLIR fusion emitters, -O3), with the same bits; whole merges run as fast (README:
+# Performance). Either option alone saves little.
+_CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1}
 
 
 class _Hits(threading.local):
@@ -69,21 +75,47 @@ def use(path: str | os.PathLike | None) -> None:
 
 def compile_kernel(kernel, args: tuple, options: dict):
     """`kernel` (a jitted function) compiled for `args` (ShapeDtypeStructs or arrays) with the static
-    `options`; called as compiled(*args). Loaded from the store when it holds it, else compiled,
-    and stored when the store is on and the options have a key."""
+    `options`; called as compiled(*args). Loaded from the store when it holds it, else compiled
+    with `compiler_options()`, and stored when the store is on and the options have a key."""
     key = _key(args, options) if _store is not None else None
     if key is None:
-        return kernel.trace(*args, **options).lower().compile()
+        return kernel.trace(*args, **options).lower().compile(compiler_options=compiler_options())
     path = _store / f"{key}.executable"
     compiled = _read(path)
     if compiled is None:
         hits = _hits.n
-        compiled = jax.jit(_named(kernel, options, key)).trace(*args).lower().compile()
+        compiled = jax.jit(_named(kernel, options, key)).trace(*args).lower().compile(compiler_options=compiler_options())
         # an executable JAX's persistent cache gave serializes without its code (jax 0.10.2, CPU):
         # it is not stored, and the next run takes it from that cache again
         if _hits.n == hits:
             _store_compiled(compiled, path)
     return compiled
+
+
+def compiler_options() -> dict:
+    """The XLA options merge kernels compile with: `_CPU_COMPILER_OPTIONS` on CPU, none elsewhere."""
+    return dict(_CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
+
+
+class jit:  # lower case: used as jax.jit is
+    """`jax.jit(fun, **kwargs)` compiling with `compiler_options()`, made at its first use: the
+    options depend on the backend, which JAX must not pick at import (`jax.distributed.initialize`
+    and `XLA_FLAGS` come first). Like any jit with compiler options, it is called at top level
+    only; inside another jit, call `fun` (its `__wrapped__`)."""
+
+    def __init__(self, fun: Callable, **kwargs):
+        functools.update_wrapper(self, fun)
+        self._fun, self._kwargs = fun, kwargs
+
+    @functools.cached_property
+    def _jitted(self):
+        return jax.jit(self._fun, compiler_options=compiler_options(), **self._kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self._jitted(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # trace, lower, eval_shape, ...
+        return getattr(self._jitted, name)
 
 
 def _named(kernel, options: dict, key: str):
@@ -92,7 +124,7 @@ def _named(kernel, options: dict, key: str):
     also stored it (not from one with another key, e.g. before an upgrade)."""
 
     def call(*args):
-        return kernel(*args, **options)
+        return kernel.__wrapped__(*args, **options)
 
     call.__name__ = call.__qualname__ = f"stored_kernel_{key[:16]}"
     return call
@@ -144,7 +176,7 @@ def _key(args: tuple, options: dict) -> str | None:
         return None
     described = repr((
         _FORMAT, _source_digest(), jax.__version__, jaxlib.__version__, _target(),
-        jax.config.jax_enable_x64, options,
+        sorted(compiler_options().items()), jax.config.jax_enable_x64, options,
         [None if a is None else (tuple(a.shape), str(a.dtype)) for a in args],
     ))
     return hashlib.sha256(described.encode()).hexdigest()

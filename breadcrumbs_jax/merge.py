@@ -104,7 +104,7 @@ def _finite(base, stacked) -> jax.Array:
     return jnp.concatenate([bad(base[None]), bad(stacked)]) == 0
 
 
-@functools.partial(jax.jit, static_argnames=("method", "out_axis", "out_dtype", "sharded"))
+@functools.partial(kernel_store.jit, static_argnames=("method", "out_axis", "out_dtype", "sharded"))
 def _merge_kernel(base, stacked, leaf_hash, thresholds, *, method: Method, out_axis, out_dtype, sharded=None):
     ctx = LeafContext(out_axis=out_axis, path_hash=leaf_hash, thresholds=thresholds, sharded=sharded)
     state = method(lambda: _stack_tau(base, stacked), ctx)
@@ -112,7 +112,7 @@ def _merge_kernel(base, stacked, leaf_hash, thresholds, *, method: Method, out_a
     return merged, state.stats, _finite(base, stacked)
 
 
-@functools.partial(jax.jit, static_argnames=("selector", "sharded"))
+@functools.partial(kernel_store.jit, static_argnames=("selector", "sharded"))
 def _global_kernel(bases, finetuned, *, selector: MagnitudeBand, sharded: bool):
     taus = [_stack_tau(b, f) for b, f in zip(bases, finetuned)]  # stacks [T, ...] per leaf
     parts = [Part(t, tuple(range(1, t.ndim))) for t in taus]

@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import importlib
 import logging
 import subprocess
@@ -140,3 +141,37 @@ def test_a_kernel_whose_executable_cannot_be_serialized_is_compiled_as_is(store,
     assert "does not support serialization" in caplog.text and not store.exists()
     want = merge_module._merge_kernel(*inputs(), **options())
     assert np.array_equal(np.asarray(kernel(*inputs())[0]), np.asarray(want[0]))
+
+
+@pytest.mark.parametrize("method", [
+    METHOD, bj.ties(0.9, density=0.2), bj.dare(1.0, p=0.7, seed=3),
+    bj.breadcrumbs_ties(1.0, density=0.2, gamma_top=0.02, granularity="row"),
+], ids=["breadcrumbs", "ties", "dare", "breadcrumbs_ties-row"])
+def test_merge_kernels_compile_with_options_that_keep_the_bits(method):
+    """The compiler options change how long XLA compiles, not the result: a leaf that ranks by the
+    counting search (bfloat16 differences, runs of ties) merges to the bits of XLA's defaults
+    (given explicitly: they override XLA_FLAGS, which conftest.py sets to the same options)."""
+    assert kernel_store.compiler_options() == kernel_store._CPU_COMPILER_OPTIONS  # this suite runs on CPU
+    rng = np.random.default_rng(11)
+    base = (rng.standard_normal((160, 128), dtype=np.float32) * 0.02).astype(jnp.bfloat16)
+    noise = rng.standard_normal((2, 160, 128), dtype=np.float32) * 0.002
+    args = (base, (base.astype(np.float32) + noise).astype(jnp.bfloat16), jnp.uint32(7), None)
+    static = dict(options(method), out_axis=0)
+    ours = merge_module._merge_kernel(*args, **static)
+    xla_defaults = {"xla_cpu_use_fusion_emitters": True, "xla_backend_optimization_level": 3}
+    kernel = functools.partial(merge_module._merge_kernel.__wrapped__, **static)
+    defaults = jax.jit(kernel, compiler_options=xla_defaults)(*args)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(defaults), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_importing_the_package_leaves_the_backend_to_the_caller():
+    """Kernels pick their compiler options at first use: importing must not start a JAX backend
+    (`jax.distributed.initialize` and `XLA_FLAGS` must come first)."""
+    code = (
+        "import breadcrumbs_jax, breadcrumbs_jax.stream, breadcrumbs_jax.cli\n"
+        "from jax._src import xla_bridge\n"
+        "print(xla_bridge.backends_are_initialized())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
