@@ -84,7 +84,8 @@ def compile_kernel(kernel, args: tuple, options: dict):
     compiled = _read(path)
     if compiled is None:
         hits = _hits.n
-        compiled = jax.jit(_named(kernel, options, key)).trace(*args).lower().compile(compiler_options=compiler_options())
+        lowered = jax.jit(_named(kernel, options, key)).trace(*args).lower()
+        compiled = lowered.compile(compiler_options=compiler_options())
         # an executable JAX's persistent cache gave serializes without its code (jax 0.10.2, CPU):
         # it is not stored, and the next run takes it from that cache again
         if _hits.n == hits:

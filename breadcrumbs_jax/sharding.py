@@ -1,7 +1,7 @@
 """Merging leaves sharded over a device mesh, with the same bits as the single-device merge.
 
-The per-leaf kernel is a `jax.jit` (no shard_map) over `NamedSharding` inputs. Rank selection is pure
-counting (reductions over the group axes, ties by an iota flat index), so XLA's SPMD
+The per-leaf kernel is a `jax.jit` (no shard_map) over `NamedSharding` inputs. Rank selection is
+pure counting (reductions over the group axes, ties by an iota flat index), so XLA's SPMD
 partitioner compiles each count to a local reduction plus an all-reduce of the counts: no
 device ever gathers a leaf (tests/test_sharding.py checks the compiled HLO). The merged
 leaf keeps its input sharding; everything else in the kernel is elementwise, the task sum
