@@ -265,9 +265,11 @@ class _Groups:
         # lines of the positional index search: blocks of the first group axis when the first level
         # of the block plan sums them, else its single entries (the value passes count the ties per
         # line from that level)
-        first, a = (self.plans[0][0], min(parts[0].axes)) if self.plans[0] else (None, None)
-        self.line = None if sharded or self.multi or not first else first[1] if first[0] == a else 1
-        self.n_lines = parts[0].values.shape[a] // self.line if self.line else 0
+        self.line, self.n_lines = None, 0
+        if self.plans[0] and not (sharded or self.multi):
+            (axis, r), a = self.plans[0][0], min(parts[0].axes)
+            self.line = r if axis == a else 1
+            self.n_lines = parts[0].values.shape[a] // self.line
         # extraction keeps one min/max per block at the coarsest level with enough blocks per group,
         # and at least the first (blocks of one entry would make its statistics leaf-sized)
         self.at, self.blocks = [], 0
