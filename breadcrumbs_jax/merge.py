@@ -190,7 +190,7 @@ def _start(plan: LeafPlan, base, finetuned, names, out_dtype, thresholds, kernel
         base, stack = base.reshape(view), stack.reshape((len(stack), *view))
     if kernel is None or not _fits(kernel, base, stack):
         kernel = functools.partial(_merge_kernel, **_kernel_options(plan, out_dtype, sharded=spans_devices(base, stack)))
-    merged, stats, finite = kernel(base, stack, jnp.uint32(path_hash(plan.path)), thresholds)
+    merged, stats, finite = kernel(base, stack, np.uint32(path_hash(plan.path)), thresholds)
     return _Started(plan, names, merged.reshape(plan.shape), stats, finite)
 
 
