@@ -1,5 +1,7 @@
+import errno
 import json
 import struct
+import threading
 
 import jax
 import ml_dtypes
@@ -9,6 +11,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from breadcrumbs_jax import MergeError, io
+from breadcrumbs_jax.io import write_behind
 from breadcrumbs_jax.io.safetensors import INDEX_NAME, SafetensorsSource
 
 from tests.ckpt_factory import HF_SHAPES, pretrained, same_bits
@@ -138,3 +141,55 @@ def test_index_naming_a_missing_shard_or_tensor_is_an_error(tmp_path, tree):
     with pytest.raises(MergeError, match="does not hold it") as e:
         SafetensorsSource(tmp_path / "m")
     assert "not.a.tensor" in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "msgpack"])
+def test_written_data_is_synced_in_the_background_before_the_commit(tmp_path, tree, monkeypatch, fmt):
+    """After every `_EVERY` bytes to a file, an fdatasync of it runs in a background thread, so
+    the fsync at commit waits only for the rest; the output is the same."""
+    synced = []
+    real = write_behind._datasync
+
+    def datasync(fd):
+        synced.append((fd, threading.current_thread().name))
+        real(fd)
+
+    monkeypatch.setattr(write_behind, "_EVERY", 1000)
+    monkeypatch.setattr(write_behind, "_datasync", datasync)
+    io.save(tree, tmp_path / "model", format=fmt)
+    assert synced and all(name.startswith("breadcrumbs-sync") for _, name in synced)
+    assert same_bits(io.load(tmp_path / "model"), tree)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "msgpack"])
+def test_a_failed_background_sync_fails_the_write_and_leaves_no_output(tmp_path, tree, monkeypatch, fmt):
+    def datasync(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(write_behind, "_EVERY", 1000)
+    monkeypatch.setattr(write_behind, "_datasync", datasync)
+    with pytest.raises(OSError, match="I/O error"):
+        io.save(tree, tmp_path / "m", format=fmt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_behind_runs_one_sync_at_a_time_and_counts_per_file(monkeypatch):
+    release, calls = threading.Event(), []
+
+    def blocked(fd):
+        calls.append(fd)
+        release.wait(10)
+
+    monkeypatch.setattr(write_behind, "_datasync", blocked)
+    behind = write_behind.WriteBehind(every=100)
+    behind.wrote(3, 60)
+    assert calls == []  # under the threshold
+    behind.wrote(3, 60)
+    behind.wrote(4, 150)  # over it, but file 3's sync still runs
+    assert calls in ([], [3])  # (its thread may not have started yet)
+    release.set()
+    behind.wait()
+    assert calls == [3]
+    behind.wrote(4, 1)  # file 4's bytes were kept: now its sync starts
+    behind.wait()
+    assert calls == [3, 4]

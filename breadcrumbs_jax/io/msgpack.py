@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import MergeError
 from ..paths import SEP
 from .base import Index, LeafInfo, checked, filled, nest, nested_order, read_array
+from .write_behind import WriteBehind
 
 EXT_NDARRAY, EXT_NPSCALAR = 1, 3
 CHUNKED = "__msgpack_chunked_array__"
@@ -242,6 +243,7 @@ class MsgpackSink:
         self._tail = b"".join(pending)
         self._next = 0
         self._file = open(staging, "xb")
+        self._behind = WriteBehind()
 
     def write(self, path: str, array: np.ndarray) -> None:
         if self._next >= len(self.order) or path != self.order[self._next]:
@@ -266,11 +268,13 @@ class MsgpackSink:
                 f.write(_str(str(i)) + _ndarray_ext(c.shape, c.dtype.name, c.nbytes))
                 f.write(memoryview(c.view(np.uint8)))
         self._next += 1
+        self._behind.wrote(f.fileno(), array.nbytes)
 
     def commit(self) -> None:
         if self._next != len(self.order):
             raise RuntimeError(f"{len(self.order) - self._next} leaves never written, e.g. {self.order[self._next]}")
         self._file.write(self._tail)
         self._file.flush()
+        self._behind.wait()
         os.fsync(self._file.fileno())
         self._file.close()

@@ -7,6 +7,7 @@ advance, so it writes each file's header first and each tensor at its offset as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..errors import MergeError
 from .base import Index, LeafInfo, checked, read_array
+from .write_behind import WriteBehind
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -179,6 +181,7 @@ class SafetensorsSink:
         self._assignment = assignment
         self._files: dict[str, tuple[int, dict[str, int]]] = {}  # file -> (fd, name -> data start)
         self._pending = set(self.order)
+        self._behind = WriteBehind()
         for file in dict.fromkeys(assignment.values()):
             self._open(file, [i for i in infos if assignment[i.path] == file])
 
@@ -231,10 +234,12 @@ class SafetensorsSink:
             n = os.pwrite(fd, data, pos)
             data, pos = data[n:], pos + n
         self._pending.discard(path)
+        self._behind.wrote(fd, array.nbytes)
 
     def commit(self) -> None:
         if self._pending:
             raise RuntimeError(f"{len(self._pending)} tensors never written, e.g. {sorted(self._pending)[0]}")
+        self._behind.wait()
         for fd, _ in self._files.values():
             os.fsync(fd)
             os.close(fd)
@@ -249,5 +254,8 @@ class SafetensorsSink:
             shutil.copy2(f, self.root / f.name)
 
     def __del__(self):
+        if hasattr(self, "_behind"):  # a sync may still run on a file about to close
+            with contextlib.suppress(OSError):
+                self._behind.wait()
         for fd, _ in getattr(self, "_files", {}).values():
             os.close(fd)
