@@ -77,19 +77,43 @@ def compile_kernel(kernel, args: tuple, options: dict):
     """`kernel` (a jitted function) compiled for `args` (ShapeDtypeStructs or arrays) with the static
     `options`; called as compiled(*args). Loaded from the store when it holds it, else compiled
     with `compiler_options()`, and stored when the store is on and the options have a key."""
+    return finish_kernel(lower_kernel(kernel, args, options))
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowered:
+    """The first half of `compile_kernel`: an executable the store held (`compiled`), or the
+    module to compile (`lowered`) and where to store its executable (`path`, None: nowhere)."""
+
+    compiled: Any = None
+    lowered: Any = None
+    path: Path | None = None
+
+
+def lower_kernel(kernel, args: tuple, options: dict) -> Lowered:
+    """Loads the kernel from the store, or traces and lowers it (Python work, under the GIL); a
+    thread may lower the next kernel while `finish_kernel` compiles this one (XLA, without it)."""
     key = _key(args, options) if _store is not None else None
     if key is None:
-        return kernel.trace(*args, **options).lower().compile(compiler_options=compiler_options())
+        return Lowered(lowered=kernel.trace(*args, **options).lower())
     path = _store / f"{key}.executable"
     compiled = _read(path)
-    if compiled is None:
-        hits = _hits.n
-        lowered = jax.jit(_named(kernel, options, key)).trace(*args).lower()
-        compiled = lowered.compile(compiler_options=compiler_options())
-        # an executable JAX's persistent cache gave serializes without its code (jax 0.10.2, CPU):
-        # it is not stored, and the next run takes it from that cache again
-        if _hits.n == hits:
-            _store_compiled(compiled, path)
+    if compiled is not None:
+        return Lowered(compiled=compiled)
+    return Lowered(lowered=jax.jit(_named(kernel, options, key)).trace(*args).lower(), path=path)
+
+
+def finish_kernel(staged: Lowered):
+    """The executable of a `lower_kernel` result: compiled with `compiler_options()` and stored
+    where it has a path."""
+    if staged.compiled is not None:
+        return staged.compiled
+    hits = _hits.n
+    compiled = staged.lowered.compile(compiler_options=compiler_options())
+    # an executable JAX's persistent cache gave serializes without its code (jax 0.10.2, CPU):
+    # it is not stored, and the next run takes it from that cache again
+    if staged.path is not None and _hits.n == hits:
+        _store_compiled(compiled, staged.path)
     return compiled
 
 

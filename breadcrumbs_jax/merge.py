@@ -280,10 +280,13 @@ def merge_leaves(
 def _compiled_ahead(
     plans: Sequence[LeafPlan], tasks: int, out_dtype, *, host: bool
 ) -> Iterator[dict[str, futures.Future]]:
-    """Compiles, in a background thread, the kernel of each leaf of `plans` (merged ones) for host
+    """Compiles, in background threads, the kernel of each leaf of `plans` (merged ones) for host
     leaves (`host`: their kernel view) or for single-device arrays (the leaf's shape), loading it
     from the kernel store and JAX's persistent cache where they hold it; gives a future of the
-    compiled kernel per leaf path, the same one for leaves that share a kernel."""
+    compiled kernel per leaf path, the same one for leaves that share a kernel. One thread traces
+    and lowers kernels, in order of first use, while another compiles them: XLA keeps 1.6 of 2
+    cores busy, and tracing the next kernel takes 0.3 to 0.6 s of one."""
+    lowering = ThreadPoolExecutor(1, thread_name_prefix="breadcrumbs-lower")
     pool = ThreadPoolExecutor(1, thread_name_prefix="breadcrumbs-compile")
     by_kernel: dict[Any, futures.Future] = {}
     compiled = {}
@@ -296,15 +299,17 @@ def _compiled_ahead(
             options = _kernel_options(plan, out_dtype, sharded=False)
             key = (shape, dtype, tuple(options.items()))
             if key not in by_kernel:
-                by_kernel[key] = pool.submit(_compile_kernel, args, options)
+                lowered = lowering.submit(kernel_store.lower_kernel, _merge_kernel, args, options)
+                by_kernel[key] = pool.submit(_finish_kernel, lowered)
             compiled[plan.path] = by_kernel[key]
         yield compiled
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        for p in (lowering, pool):
+            p.shutdown(wait=False, cancel_futures=True)
 
 
-def _compile_kernel(args, options):
-    return kernel_store.compile_kernel(_merge_kernel, args, options)
+def _finish_kernel(lowered: futures.Future):
+    return kernel_store.finish_kernel(lowered.result())
 
 
 def _check_structure(base_paths: list[str], other: Any, name: str) -> None:

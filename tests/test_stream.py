@@ -6,14 +6,12 @@ import numpy as np
 import pytest
 
 import breadcrumbs_jax as bj
-import importlib
-from breadcrumbs_jax import MergeError, io
+from breadcrumbs_jax import MergeError, io, kernel_store
 from breadcrumbs_jax.merge import merge_leaves
 from breadcrumbs_jax.stream import dry_run_checkpoints, merge_checkpoints
 
 from tests.ckpt_factory import HF_SHAPES, models, same_bits
 
-merge_module = importlib.import_module("breadcrumbs_jax.merge")  # the package exports a function `merge`
 FORMATS = {"orbax": "", "safetensors": ".safetensors", "msgpack": ".msgpack"}
 BC = bj.breadcrumbs(0.7, beta=0.6, gamma=0.95)  # one method for most tests: its kernels compile once
 
@@ -109,9 +107,9 @@ def test_the_next_leaf_is_read_while_this_one_merges_and_no_further(tmp_path, wr
 
 @pytest.mark.parametrize("kind", ["host", "device"])
 def test_kernels_compile_ahead_in_a_background_thread_once_each(monkeypatch, caplog, kind):
-    """Each distinct kernel compiles once, in order of first use, off the merging thread, which then
-    finds it compiled; the bits are those of a merge that compiles as it goes. Host leaves go in as
-    their kernel view, device arrays as they are."""
+    """Each distinct kernel is lowered once, in order of first use, in one thread and compiled in
+    another, both off the merging thread, which then finds it compiled; the bits are those of a
+    merge that compiles as it goes. Host leaves go in as their kernel view, device arrays as they are."""
     rng = np.random.default_rng(7)
     tree = {"a": rng.standard_normal((37, 5), dtype=np.float32), "b": rng.standard_normal((11, 40), dtype=np.float32),
             "c": rng.standard_normal((37, 5), dtype=np.float32), "d": rng.standard_normal((37, 5)).astype(np.int32)}
@@ -121,10 +119,12 @@ def test_kernels_compile_ahead_in_a_background_thread_once_each(monkeypatch, cap
     def load(plan):
         return put(tree[plan.path]), put(np.stack([f[plan.path] for f in fts]))
 
-    compiled = []
-    compile_kernel = merge_module._compile_kernel
-    monkeypatch.setattr(merge_module, "_compile_kernel", lambda args, options: (
-        compiled.append((args[0].shape, threading.current_thread().name)), compile_kernel(args, options))[1])
+    lowered, compiled = [], []
+    lower_kernel, finish_kernel = kernel_store.lower_kernel, kernel_store.finish_kernel
+    monkeypatch.setattr(kernel_store, "lower_kernel", lambda kernel, args, options: (
+        lowered.append((args[0].shape, threading.current_thread().name)), lower_kernel(kernel, args, options))[1])
+    monkeypatch.setattr(kernel_store, "finish_kernel", lambda staged: (
+        compiled.append(threading.current_thread().name), finish_kernel(staged))[1])
     here = {}  # compilations of _merge_kernel in the merging thread
     w = 0.31 if kind == "host" else 0.33  # kernels no other test compiled
     for ahead, weights in [(None, (1.0, w)), (kind, (1.0, w + 0.01))]:
@@ -137,7 +137,8 @@ def test_kernels_compile_ahead_in_a_background_thread_once_each(monkeypatch, cap
         assert same_bits(merged, bj.merge(tree, fts, method).params)
     assert here == {None: 2, kind: 0}  # the merging thread compiled both kernels, then neither
     b = (40, 11) if kind == "host" else (11, 40)
-    assert compiled == [((37, 5), "breadcrumbs-compile_0"), (b, "breadcrumbs-compile_0")]  # 'd' is copied
+    assert lowered == [((37, 5), "breadcrumbs-lower_0"), (b, "breadcrumbs-lower_0")]  # 'd' is copied
+    assert compiled == ["breadcrumbs-compile_0"] * 2
 
 
 def test_loads_other_than_announced_merge_with_their_own_kernel():
