@@ -81,7 +81,7 @@ def compile_kernel(kernel, args: tuple, options: dict):
 
 
 @dataclasses.dataclass(frozen=True)
-class Lowered:
+class Staged:
     """The first half of `compile_kernel`: an executable the store held (`compiled`), or the
     module to compile (`lowered`) and where to store its executable (`path`, None: nowhere)."""
 
@@ -90,20 +90,20 @@ class Lowered:
     path: Path | None = None
 
 
-def lower_kernel(kernel, args: tuple, options: dict) -> Lowered:
+def lower_kernel(kernel, args: tuple, options: dict) -> Staged:
     """Loads the kernel from the store, or traces and lowers it (Python work, under the GIL); a
     thread may lower the next kernel while `finish_kernel` compiles this one (XLA, without it)."""
     key = _key(args, options) if _store is not None else None
     if key is None:
-        return Lowered(lowered=kernel.trace(*args, **options).lower())
+        return Staged(lowered=kernel.trace(*args, **options).lower())
     path = _store / f"{key}.executable"
     compiled = _read(path)
     if compiled is not None:
-        return Lowered(compiled=compiled)
-    return Lowered(lowered=jax.jit(_named(kernel, options, key)).trace(*args).lower(), path=path)
+        return Staged(compiled=compiled)
+    return Staged(lowered=jax.jit(_named(kernel, options, key)).trace(*args).lower(), path=path)
 
 
-def finish_kernel(staged: Lowered):
+def finish_kernel(staged: Staged):
     """The executable of a `lower_kernel` result: compiled with `compiler_options()` and stored
     where it has a path."""
     if staged.compiled is not None:

@@ -299,8 +299,8 @@ def _compiled_ahead(
             options = _kernel_options(plan, out_dtype, sharded=False)
             key = (shape, dtype, tuple(options.items()))
             if key not in by_kernel:
-                lowered = lowering.submit(kernel_store.lower_kernel, _merge_kernel, args, options)
-                by_kernel[key] = pool.submit(_finish_kernel, lowered)
+                staged = lowering.submit(kernel_store.lower_kernel, _merge_kernel, args, options)
+                by_kernel[key] = pool.submit(_finish_kernel, staged)
             compiled[plan.path] = by_kernel[key]
         yield compiled
     finally:
@@ -308,8 +308,8 @@ def _compiled_ahead(
             p.shutdown(wait=False, cancel_futures=True)
 
 
-def _finish_kernel(lowered: futures.Future):
-    return kernel_store.finish_kernel(lowered.result())
+def _finish_kernel(staged: futures.Future):
+    return kernel_store.finish_kernel(staged.result())
 
 
 def _check_structure(base_paths: list[str], other: Any, name: str) -> None:
