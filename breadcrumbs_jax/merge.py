@@ -287,7 +287,7 @@ def _compiled_ahead(
     and lowers kernels, in order of first use, while another compiles them: XLA keeps 1.6 of 2
     cores busy, and tracing the next kernel takes 0.3 to 0.6 s of one."""
     lowering = ThreadPoolExecutor(1, thread_name_prefix="breadcrumbs-lower")
-    pool = ThreadPoolExecutor(1, thread_name_prefix="breadcrumbs-compile")
+    compiling = ThreadPoolExecutor(1, thread_name_prefix="breadcrumbs-compile")
     by_kernel: dict[Any, futures.Future] = {}
     compiled = {}
     try:
@@ -300,12 +300,12 @@ def _compiled_ahead(
             key = (shape, dtype, tuple(options.items()))
             if key not in by_kernel:
                 staged = lowering.submit(kernel_store.lower_kernel, _merge_kernel, args, options)
-                by_kernel[key] = pool.submit(_finish_kernel, staged)
+                by_kernel[key] = compiling.submit(_finish_kernel, staged)
             compiled[plan.path] = by_kernel[key]
         yield compiled
     finally:
-        for p in (lowering, pool):
-            p.shutdown(wait=False, cancel_futures=True)
+        for pool in (lowering, compiling):
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _finish_kernel(staged: futures.Future):
