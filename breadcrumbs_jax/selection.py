@@ -374,13 +374,21 @@ class _Sample:
     @classmethod
     def of(cls, keys: jax.Array) -> _Sample:
         new = jnp.concatenate([jnp.ones_like(keys[..., :1], bool), keys[..., 1:] != keys[..., :-1]], axis=-1)
-        return cls(keys, jnp.cumsum(new, axis=-1, dtype=jnp.int32))
+        return cls(keys, _running_sums(new))
+
+
+def _take(x: jax.Array, i: jax.Array, axis: int) -> jax.Array:
+    """The entries at positions i (in bounds) along `axis` of each row of x (its axes before
+    `axis`): x [*rows, n, *rest], i [*lead, *rows, m] -> [*lead, *rows, m, *rest]. One gather from
+    x flattened (jnp.take_along_axis builds an index for every axis: more code to compile)."""
+    rows, n = x.shape[:axis], x.shape[axis]
+    row = jnp.arange(math.prod(rows), dtype=jnp.int32).reshape(rows + (1,))
+    return x.reshape((-1,) + x.shape[axis + 1 :])[row * n + i]
 
 
 def _pick(x: jax.Array, i: jax.Array) -> jax.Array:
     """x[..., i] of a [*groups, S] sample array at positions i ([targets, *groups]; clipped to it)."""
-    x = jnp.broadcast_to(x, i.shape + x.shape[-1:])
-    return jnp.take_along_axis(x, jnp.clip(i, 0, x.shape[-1] - 1)[..., None], axis=-1)[..., 0]
+    return _take(x, jnp.clip(i, 0, x.shape[-1] - 1)[..., None], x.ndim - 1)[..., 0]
 
 
 def _position(sample: _Sample, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ...] | None:
@@ -662,14 +670,14 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
 
 
 def _running_sums(x: jax.Array) -> jax.Array:
-    """Inclusive running sums of int counts (below 2**24) along the last axis: exact float matmuls
-    with a triangular matrix per block of `_PREFIX`, then the same over the block totals. (XLA
-    compiles jnp.cumsum to many more kernels: 0.2 s instead of 0.08 s.)"""
+    """Inclusive running sums of int32 counts along the last axis: integer matmuls with a
+    triangular matrix per block of `_PREFIX`, then the same over the block totals. (XLA:CPU
+    rewrites jnp.cumsum into a tree of reduce-windows, each compiled as a kernel of its own.)"""
     n = x.shape[-1]
     blocks = -(-n // _PREFIX)
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, blocks * _PREFIX - n)]).reshape(x.shape[:-1] + (blocks, _PREFIX))
-    upper = (jnp.arange(_PREFIX)[:, None] <= jnp.arange(_PREFIX)).astype(jnp.float32)
-    sums = jnp.matmul(x.astype(jnp.float32), upper, precision=lax.Precision.HIGHEST).astype(jnp.int32)
+    upper = (jnp.arange(_PREFIX)[:, None] <= jnp.arange(_PREFIX)).astype(jnp.int32)
+    sums = jnp.matmul(x.astype(jnp.int32), upper, preferred_element_type=jnp.int32)
     if blocks > 1:
         totals = sums[..., -1]
         sums = sums + (_running_sums(totals) - totals)[..., None]
@@ -703,9 +711,9 @@ def _gathered(groups: _Groups, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ..
     cand = jnp.transpose(cand, [0] + [a + 1 for a in free + axes]).reshape(rows, n_blocks)
     cand = jnp.pad(cand, ((0, 0), (0, n_super * _SUPER - n_blocks))).reshape(rows, n_super, _SUPER)
     sup = _positions(jnp.sum(cand, axis=-1) > 0, c_super)  # [rows, c_super]: superblocks with candidates
-    c = jnp.take_along_axis(cand, jnp.minimum(sup, n_super - 1)[..., None], axis=1)
+    c = _take(cand, jnp.minimum(sup, n_super - 1), 1)
     at = _positions((jnp.where((sup < n_super)[..., None], c, 0) > 0).reshape(rows, c_super * _SUPER), c_blocks)
-    block = jnp.take_along_axis(sup, jnp.minimum(at // _SUPER, c_super - 1), axis=1) * _SUPER + at % _SUPER
+    block = _take(sup, jnp.minimum(at // _SUPER, c_super - 1), 1) * _SUPER + at % _SUPER
     valid = (at < c_super * _SUPER)[..., None]  # [rows, c_blocks, 1]
 
     # the entries of those blocks: [rows, c_blocks, r]
@@ -720,12 +728,12 @@ def _gathered(groups: _Groups, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ..
     lo, hi = (x.reshape(rows, 1, 1) for x in (b.lo, b.hi))
     keep = _positions((valid & (keys >= lo) & (keys <= hi)).reshape(rows, -1), cap)
     ok = keep < keys[0].size
-    take = lambda x: jnp.take_along_axis(jnp.broadcast_to(x, keys.shape).reshape(rows, -1), jnp.minimum(keep, keys[0].size - 1), axis=1)  # noqa: E731
+    take = lambda x: _take(jnp.broadcast_to(x, keys.shape).reshape(rows, -1), jnp.minimum(keep, keys[0].size - 1), 1)  # noqa: E731
     ck, ci = lax.sort((jnp.where(ok, take(keys), KEY_MAX), jnp.where(ok, take(flat), KEY_MAX)), dimension=1, num_keys=2)
 
     c_lo = b.c_lo.reshape(rows, 1)
     j = jnp.clip(k.reshape(rows, 1) - c_lo, 0, cap - 1)
-    value, idx = jnp.take_along_axis(ck, j, axis=1), jnp.take_along_axis(ci, j, axis=1)
+    value, idx = _take(ck, j, 1), _take(ci, j, 1)
     under = c_lo + jnp.sum(ck < value, axis=1, keepdims=True, dtype=jnp.int32)
     idx = jnp.where(under == k.reshape(rows, 1), 0, idx)  # no tie below rank k: index 0, as elsewhere
     return tuple(x.reshape(k.shape) for x in (value, under, idx))
@@ -772,7 +780,7 @@ def _count_along(groups: _Groups, mask: jax.Array, axes: Sequence[int], axis: in
 
 def _locate(counts: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Position along the last axis of the j-th counted entry (0-based), and the count before it."""
-    run = jnp.cumsum(counts, axis=-1)
+    run = _running_sums(counts)
     before = run <= j[..., None]
     return jnp.sum(before, axis=-1, dtype=jnp.int32), jnp.sum(jnp.where(before, counts, 0), axis=-1)
 
@@ -861,10 +869,10 @@ def _sorted_thresholds(part: Part, groups: _Groups, k: jax.Array) -> list[Thresh
     keys, index = lax.sort((keys, index), dimension=1, num_keys=1, is_stable=True)
     k = k.reshape(k.shape[0], -1, 1)
     at = jnp.minimum(k, groups.size - 1)
-    value = jnp.take_along_axis(jnp.broadcast_to(keys, k.shape[:1] + keys.shape), at, axis=2)
+    value = _take(keys, at, 1)
     value = jnp.where(k == 0, 0, jnp.where(k == groups.size, KEY_MAX, value))  # as the search gives them
     under = jnp.sum(keys < value, axis=2, keepdims=True, dtype=jnp.int32)
-    index = jnp.take_along_axis(jnp.broadcast_to(index, k.shape[:1] + index.shape), at, axis=2)
+    index = _take(index, at, 1)
     index = jnp.where(k == groups.size, part.size, jnp.where(under < k, index, 0))
     shape = (k.shape[0],) + groups.shape
     value, index, under = (x.reshape(shape) for x in (value, index, under))
