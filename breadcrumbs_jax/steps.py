@@ -30,13 +30,17 @@ GRANULARITIES = ("tensor", "row", "global")
 @dataclasses.dataclass(frozen=True)
 class LeafContext:
     """Per-leaf facts a step may use: row axis (of the leaf, without the task axis),
-    a stable hash of the leaf path (seeds DARE), precomputed global thresholds, and whether the
-    leaf spans several devices (None: whether JAX sees several; see `rank_thresholds`)."""
+    a stable hash of the leaf path (seeds DARE), precomputed global thresholds, whether the
+    leaf spans several devices (None: whether JAX sees several; see `rank_thresholds`), and
+    whether the task vectors are differences of bfloat16 (or coarser) floats (`lattice`: their
+    magnitudes lie on a coarse lattice, so a selection ends on runs of ties by counting; it is
+    compiled without gathering, which saves it no pass there, unlike on float16 differences)."""
 
     out_axis: int | None = None
     path_hash: jax.Array | None = None
     thresholds: tuple[Threshold, Threshold] | None = None
     sharded: bool | None = None
+    lattice: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,17 +115,20 @@ class MagnitudeBand:
             raise MergeError(f"{len(self.band)} per-task bands given for {tasks} task vectors")
         return [b.counts(n) for b in self.band]
 
-    def thresholds(self, parts: list[Part], n: int, sharded: bool | None = None) -> tuple[Threshold, Threshold]:
+    def thresholds(
+        self, parts: list[Part], n: int, sharded: bool | None = None, capacity: int | None = None
+    ) -> tuple[Threshold, Threshold]:
+        search = functools.partial(rank_thresholds, sharded=sharded, capacity=capacity)
         if isinstance(self.band, Band):
             n_bot, n_keep, _ = self.band.counts(n)
-            return tuple(rank_thresholds(parts, [n_bot, n_bot + n_keep], sharded=sharded))
+            return tuple(search(parts, [n_bot, n_bot + n_keep]))
         tasks = parts[0].keys.shape[0]
         counts = self._counts(tasks, n)
         # per-task ranks broadcast against the group shape: [T] for several parts, [T, 1, ...] for one
         shape = (tasks,) + (1,) * (0 if len(parts) > 1 else parts[0].keys.ndim - 1)
         lo = jnp.asarray([c[0] for c in counts], jnp.int32).reshape(shape)
         hi = jnp.asarray([c[0] + c[1] for c in counts], jnp.int32).reshape(shape)
-        return tuple(rank_thresholds(parts, [lo, hi], sharded=sharded))
+        return tuple(search(parts, [lo, hi]))
 
     def _select(self, tau: jax.Array | Callable[[], jax.Array], ctx: LeafContext) -> tuple[Part, Threshold, Threshold]:
         ndim = jnp.ndim(evaluate(tau))
@@ -130,7 +137,7 @@ class MagnitudeBand:
             if ctx.thresholds is None:
                 raise ValueError("global granularity needs thresholds computed over all leaves")
             return part, *ctx.thresholds
-        return part, *self.thresholds([part], part.size, ctx.sharded)
+        return part, *self.thresholds([part], part.size, ctx.sharded, 0 if ctx.lattice else None)
 
     def mask(
         self, tau: jax.Array | Callable[[], jax.Array], ctx: LeafContext = LeafContext()

@@ -20,6 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import breadcrumbs_jax as bj
+from breadcrumbs_jax import selection
+from breadcrumbs_jax.merge import _merge_kernel
 from breadcrumbs_jax.selection import Part, below, magnitude_keys, rank_thresholds
 
 # (sample, sharded, capacity): the default; counting and block extraction only; gathering small
@@ -194,6 +197,29 @@ def test_large_group(kind, capacity):
     n = 1024 * 1024
     ranks = [n - 149946 - 7340, n - 7340]  # the Breadcrumbs band of beta 0.85, gamma 0.993
     check(x, (1, 2), ranks, (None, False, capacity))
+
+
+@pytest.mark.parametrize(
+    "base, stack, gathers",
+    [("float32", "float32", True), ("float32", "bfloat16", True), ("float16", "float16", True), ("bfloat16", "bfloat16", False)],
+)
+def test_merge_kernels_gather_unless_task_vectors_are_bfloat16_differences(monkeypatch, base, stack, gathers):
+    """A merge kernel of a group of 2**23 entries is traced with gathering unless its task vectors
+    are differences of bfloat16 leaves: those resolve on runs of ties by counting (the same passes
+    either way on Llama-shaped leaves), and gathering would only add to the compile."""
+    traced, gathered = [], selection._gathered
+
+    def recording(*args):
+        traced.append(args)
+        return gathered(*args)
+
+    monkeypatch.setattr(selection, "_gathered", recording)
+    shape = (4096, 2048)
+    method = bj.breadcrumbs(1.0, density=0.1, gamma_top=0.01)
+    base, stack = jnp.dtype(base), jnp.dtype(stack)
+    kernel = functools.partial(_merge_kernel.__wrapped__, method=method, out_axis=None, out_dtype=stack, sharded=False)
+    jax.eval_shape(kernel, jax.ShapeDtypeStruct(shape, base), jax.ShapeDtypeStruct((2, *shape), stack), jnp.uint32(0), None)
+    assert bool(traced) == gathers
 
 
 @pytest.mark.parametrize("kind", ["bf16", "integers", "zeros"])
