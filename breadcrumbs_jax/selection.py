@@ -366,15 +366,43 @@ def _sample(groups: _Groups, budget: int) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class _Sample:
     """A sorted sample of every group (`keys`, [*groups, S]) and the number of distinct keys up to
-    each of its positions (`distinct`), both fixed for a whole search."""
+    each of its positions (`distinct`), stacked in `table` and fixed for a whole search. Each query
+    is one reduction (`count`) or one gather (`pick`) however many values it asks for: every
+    reduction or gather is a kernel of its own to compile."""
 
-    keys: jax.Array
-    distinct: jax.Array
+    table: jax.Array
 
     @classmethod
     def of(cls, keys: jax.Array) -> _Sample:
         new = jnp.concatenate([jnp.ones_like(keys[..., :1], bool), keys[..., 1:] != keys[..., :-1]], axis=-1)
-        return cls(keys, _running_sums(new))
+        return cls(jnp.stack([keys, _running_sums(new)]))
+
+    @property
+    def keys(self) -> jax.Array:
+        return self.table[0]
+
+    @property
+    def distinct(self) -> jax.Array:
+        return self.table[1]
+
+    @property
+    def size(self) -> int:
+        return self.table.shape[-1]
+
+    def count(self, below: Sequence[jax.Array] = (), upto: Sequence[jax.Array] = ()) -> list[jax.Array]:
+        """The number of keys below each key of `below`, then up to each of `upto` ([targets, *groups])."""
+        keys = self.keys
+        hits = [(keys < v[..., None]).astype(jnp.int32) for v in below] + [(keys <= v[..., None]).astype(jnp.int32) for v in upto]
+        zero = [jnp.int32(0)] * len(hits)
+        return list(lax.reduce(hits, zero, lambda a, b: [x + y for x, y in zip(a, b)], (hits[0].ndim - 1,)))
+
+    def pick(self, keys: Sequence[jax.Array] = (), distinct: Sequence[jax.Array] = ()) -> list[jax.Array]:
+        """The keys at positions `keys`, then the distinct counts at positions `distinct`
+        ([targets, *groups] each; clipped to the sample)."""
+        size, groups = self.size, self.table.shape[1:-1]
+        row = jnp.arange(math.prod(groups), dtype=jnp.int32).reshape(groups) * size
+        at = [row + jnp.clip(i, 0, size - 1) for i in keys] + [row.size * size + row + jnp.clip(i, 0, size - 1) for i in distinct]
+        return list(self.table.reshape(-1)[jnp.stack(at)])
 
 
 def _take(x: jax.Array, i: jax.Array, axis: int) -> jax.Array:
@@ -386,62 +414,50 @@ def _take(x: jax.Array, i: jax.Array, axis: int) -> jax.Array:
     return x.reshape((-1,) + x.shape[axis + 1 :])[row * n + i]
 
 
-def _pick(x: jax.Array, i: jax.Array) -> jax.Array:
-    """x[..., i] of a [*groups, S] sample array at positions i ([targets, *groups]; clipped to it)."""
-    return _take(x, jnp.clip(i, 0, x.shape[-1] - 1)[..., None], x.ndim - 1)[..., 0]
-
-
-def _position(sample: _Sample, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ...] | None:
-    """Where each target stands in the sample: the position of its first key in [lo, hi] and how
-    many keys it holds there, the target's expected position among all the keys and its standard
-    deviation. None for an empty sample."""
-    keys = sample.keys
-    if keys.shape[-1] == 0:
-        return None
-    first = jnp.sum(keys < b.lo[..., None], axis=-1, dtype=jnp.int32)
-    m = jnp.sum(keys <= b.hi[..., None], axis=-1, dtype=jnp.int32) - first
+def _position(b: _Bracket, k: jax.Array, first: jax.Array, upto: jax.Array) -> tuple[jax.Array, ...]:
+    """Where each target stands in the sample, given its keys below lo (`first`) and up to hi: the
+    position of its first key in [lo, hi] and how many keys it holds there, the target's expected
+    position among all the keys and its standard deviation."""
+    m = upto - first
     f = ((k - b.c_lo).astype(jnp.float32) + 0.5) / jnp.maximum(b.c_hi - b.c_lo, 1).astype(jnp.float32)
     return first, m, first + f * m - 0.5, jnp.sqrt(m * f * (1 - f))
 
 
-def _sample_pivots(sample: _Sample, at, b: _Bracket) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Sample keys that bracket the target (`at`: its `_position`) inside [lo, hi], where its rank
-    among the sample points in [lo, hi] is expected +- 2.5 standard deviations; the bracket's own
-    end where the sample runs out. Also the share of the bracket's entries expected between them."""
+def _sample_pivots(sample: _Sample, at, b: _Bracket) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Pivots from the sample, given where the target stands in it (`at`: its `_position`; None for
+    an empty sample), from one gather:
+
+    - sample keys that bracket the target inside [lo, hi], where its rank among the sample points
+      in [lo, hi] is expected +- 2.5 standard deviations (the bracket's own end where the sample
+      runs out), and the share of the bracket's entries expected between them;
+    - the sample keys `_NEAR` standard deviations either side of its expected position (the
+      bracket's ends where the sample runs out), and whether the sample's keys there repeat, on
+      average at least twice. They do where the keys lie on a coarse lattice with runs of ties at
+      its points, as differences of bf16 weights do: pivots interpolated between keys then miss
+      the runs, while these land on them."""
     if at is None:
-        return b.lo, b.hi, jnp.ones(b.lo.shape, jnp.float32)
+        return (b.lo, b.hi, jnp.ones(b.lo.shape, jnp.float32)), (b.lo, b.hi, jnp.zeros(b.lo.shape, bool))
     first, m, pos, sd = at
-    pick = functools.partial(_pick, sample.keys)
     i_lo, i_hi = jnp.floor(pos - _SPREAD * sd - 1).astype(jnp.int32), jnp.ceil(pos + _SPREAD * sd + 1).astype(jnp.int32)
-    share = (jnp.minimum(i_hi, first + m) - jnp.maximum(i_lo, first) + 1) / jnp.maximum(m, 1)
-    s_lo = jnp.where(i_lo < first, b.lo, pick(i_lo))
-    s_hi = jnp.where(i_hi >= first + m, b.hi, pick(i_hi))
-    # a run of equal keys as wide as one standard deviation either side: it likely holds the target
     j_lo, j_hi = jnp.floor(pos - sd).astype(jnp.int32), jnp.ceil(pos + sd).astype(jnp.int32)
-    run = (j_lo >= first) & (j_hi < first + m) & (m >= 8) & (pick(j_lo) == pick(j_hi))
+    n_lo, n_hi = jnp.floor(pos - _NEAR * sd).astype(jnp.int32), jnp.ceil(pos + _NEAR * sd).astype(jnp.int32)
+    k_i_lo, k_i_hi, k_j_lo, k_j_hi, k_n_lo, k_n_hi, d_last, d_first = sample.pick(
+        keys=[i_lo, i_hi, j_lo, j_hi, n_lo, n_hi], distinct=[first + m - 1, first]
+    )
+    share = (jnp.minimum(i_hi, first + m) - jnp.maximum(i_lo, first) + 1) / jnp.maximum(m, 1)
+    s_lo = jnp.where(i_lo < first, b.lo, k_i_lo)
+    s_hi = jnp.where(i_hi >= first + m, b.hi, k_i_hi)
+    # a run of equal keys as wide as one standard deviation either side: it likely holds the target
+    run = (j_lo >= first) & (j_hi < first + m) & (m >= 8) & (k_j_lo == k_j_hi)
     share = jnp.where(run, (j_hi - j_lo + 1) / jnp.maximum(m, 1), share)
-    return jnp.where(run, pick(j_lo), s_lo), jnp.where(run, pick(j_lo), s_hi), share
-
-
-def _near_pivots(sample: _Sample, at, b: _Bracket) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The sample keys `_NEAR` standard deviations either side of the target's expected position
-    in [lo, hi] (the bracket's ends where the sample runs out), and whether the sample's keys there
-    repeat, on average at least twice. They do where the keys lie on a coarse lattice with runs of
-    ties at its points, as differences of bf16 weights do: pivots interpolated between keys then
-    miss the runs, while these land on them."""
-    if at is None:
-        return b.lo, b.hi, jnp.zeros(b.lo.shape, bool)
-    first, m, pos, sd = at
-    distinct = _pick(sample.distinct, first + m - 1) - _pick(sample.distinct, first) + 1
-    j_lo, j_hi = jnp.floor(pos - _NEAR * sd).astype(jnp.int32), jnp.ceil(pos + _NEAR * sd).astype(jnp.int32)
-    n_lo = jnp.where(j_lo < first, b.lo, _pick(sample.keys, j_lo))
-    n_hi = jnp.where(j_hi >= first + m, b.hi, _pick(sample.keys, j_hi))
-    return n_lo, n_hi, (m > 0) & (distinct * 2 <= m)
+    near = jnp.where(n_lo < first, b.lo, k_n_lo), jnp.where(n_hi >= first + m, b.hi, k_n_hi)
+    lumpy = (m > 0) & ((d_last - d_first + 1) * 2 <= m)
+    return (jnp.where(run, k_j_lo, s_lo), jnp.where(run, k_j_lo, s_hi), share), (*near, lumpy)
 
 
 def _interp_pivots(sample: _Sample, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ...]:
     """Pivots for the next pass: the hint if there is one; else, where the sample's keys repeat,
-    sample keys close to the target (`_near_pivots`); else around the key where rank k is expected
+    sample keys close to the target (`_sample_pivots`); else around the key where rank k is expected
     if the keys in [lo, hi] were evenly spread, when that agrees with the sample (it does not where
     keys cluster), and the sample's bracket when not. Also the expected number of entries between
     them, whether the bracket could not be narrowed, and whether the pivots are sample keys that
@@ -455,17 +471,19 @@ def _interp_pivots(sample: _Sample, b: _Bracket, k: jax.Array) -> tuple[jax.Arra
     p_lo = jnp.where(center - b.lo <= mk, b.lo, center - mk)
     p_hi = jnp.where(b.hi - center <= mk, b.hi, center + mk)
     expected = jnp.minimum(r, 2 * m + 1)
-    at = _position(sample, b, k)
-    s_lo, s_hi, share = _sample_pivots(sample, at, b)
-    keys = sample.keys
-    inside = lambda lo, hi: jnp.sum((keys >= lo[..., None]) & (keys <= hi[..., None]), axis=-1)  # noqa: E731
+    at, seen = None, jnp.zeros(b.lo.shape, jnp.float32)  # seen: sample keys in [p_lo, p_hi]
+    if sample.size:
+        first, p_below, upto, p_upto = sample.count(below=[b.lo, p_lo], upto=[b.hi, p_hi])
+        at, seen = _position(b, k, first, upto), jnp.maximum(p_upto - p_below, 0).astype(jnp.float32)
+    (s_lo, s_hi, share), (n_lo, n_hi, lumpy) = _sample_pivots(sample, at, b)
     m_s = jnp.zeros(b.lo.shape, jnp.float32) if at is None else at[1].astype(jnp.float32)  # sample keys in [lo, hi]
-    seen, due = inside(p_lo, p_hi).astype(jnp.float32), m_s * expected / r
+    due = m_s * expected / r
     agree = (s_lo <= p_lo) & (p_hi <= s_hi) & ((due < 8) | (seen * 4 > due)) & (s_lo < s_hi)
     linear = agree | ((s_lo == b.lo) & (s_hi == b.hi))  # or the sample is no help
     p_lo, p_hi, expected = (jnp.where(linear, x, y) for x, y in ((p_lo, s_lo), (p_hi, s_hi), (expected, share * r)))
-    n_lo, n_hi, lumpy = _near_pivots(sample, at, b)
-    expected = jnp.where(lumpy, inside(n_lo, n_hi) / jnp.maximum(m_s, 1) * r, expected)
+    if at is not None:
+        n_below, n_upto = sample.count(below=[n_lo], upto=[n_hi])
+        expected = jnp.where(lumpy, jnp.maximum(n_upto - n_below, 0) / jnp.maximum(m_s, 1) * r, expected)
     p_lo, p_hi = jnp.where(lumpy, n_lo, p_lo), jnp.where(lumpy, n_hi, p_hi)
     has, h_lo, h_hi, h_n = b.hint
     has = has & (h_lo <= h_hi)
@@ -604,10 +622,11 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
     # the first pass takes its pivots from the sample, later ones interpolate; extract once every
     # open bracket holds (or is expected to hold) few entries
     sample = _Sample.of(_sample(groups, budget))
-    if sample.keys.shape[-1] == n:  # the sample is the group: its k-th key is the value
-        s_lo = s_hi = _pick(sample.keys, jnp.minimum(k, n - 1))
+    if sample.size == n:  # the sample is the group: its k-th key is the value
+        s_lo = s_hi = sample.pick(keys=[jnp.minimum(k, n - 1)])[0]
     else:
-        s_lo, s_hi, _ = _sample_pivots(sample, _position(sample, start, k), start)
+        at = _position(start, k, *sample.count(below=[start.lo], upto=[start.hi])) if sample.size else None
+        (s_lo, s_hi, _), _ = _sample_pivots(sample, at, start)
     start = start.replace(hint=(open_, s_lo, s_hi, jnp.full(k.shape, jnp.inf)))
     few = n if not any(groups.at) else max(2.0, _FEW * groups.blocks)  # blocks of one entry are always complete
 
