@@ -199,6 +199,24 @@ def test_large_group(kind, capacity):
     check(x, (1, 2), ranks, (None, False, capacity))
 
 
+@pytest.mark.parametrize("n", [1, 64, 100, 5000])
+def test_running_sums_are_exact_beyond_float_precision(n):
+    """The blocked integer matmuls give np.cumsum's sums exactly, also where they pass 2**24 (a
+    float32 matmul would round) and over more blocks than one level of block totals holds."""
+    x = np.random.default_rng(n).integers(0, 1 << 18, (2, 3, n), dtype=np.int32)  # sums to 1.3e9 at n = 5000
+    np.testing.assert_array_equal(np.asarray(jax.jit(selection._running_sums)(x)), np.cumsum(x, axis=-1))
+
+
+def test_take_gathers_per_row_as_take_along_axis():
+    """`_take` of x [*rows, n, *rest] at i [*lead, *rows, m]: entries i along the axis after the rows."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 1000, (4, 5, 7, 3), dtype=np.int32)
+    i = rng.integers(0, 7, (2, 4, 5, 6), dtype=np.int32)
+    got = np.asarray(selection._take(jnp.asarray(x), jnp.asarray(i), 2))
+    want = np.take_along_axis(np.broadcast_to(x, (2, *x.shape)), i[..., None], axis=3)
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize(
     "base, stack, gathers",
     [("float32", "float32", True), ("float32", "bfloat16", True), ("float16", "float16", True), ("bfloat16", "bfloat16", False)],
