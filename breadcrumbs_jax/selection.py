@@ -366,28 +366,24 @@ def _sample(groups: _Groups, budget: int) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class _Sample:
     """A sorted sample of every group (`keys`, [*groups, S]) and the number of distinct keys up to
-    each of its positions (`distinct`), stacked in `table` and fixed for a whole search. Each query
-    is one reduction (`count`) or one gather (`pick`) however many values it asks for: every
-    reduction or gather is a kernel of its own to compile."""
+    each of its positions (`distinct`), side by side in `table` ([*groups, 2 S]) and fixed for a
+    whole search. Each query is one reduction (`count`) or one gather (`pick`) however many values
+    it asks for: every reduction or gather is a kernel of its own to compile."""
 
     table: jax.Array
 
     @classmethod
     def of(cls, keys: jax.Array) -> _Sample:
         new = jnp.concatenate([jnp.ones_like(keys[..., :1], bool), keys[..., 1:] != keys[..., :-1]], axis=-1)
-        return cls(jnp.stack([keys, _running_sums(new)]))
-
-    @property
-    def keys(self) -> jax.Array:
-        return self.table[0]
-
-    @property
-    def distinct(self) -> jax.Array:
-        return self.table[1]
+        return cls(jnp.concatenate([keys, _running_sums(new)], axis=-1))
 
     @property
     def size(self) -> int:
-        return self.table.shape[-1]
+        return self.table.shape[-1] // 2
+
+    @property
+    def keys(self) -> jax.Array:
+        return self.table[..., : self.size]
 
     def count(self, below: Sequence[jax.Array] = (), upto: Sequence[jax.Array] = ()) -> list[jax.Array]:
         """The number of keys below each key of `below`, then up to each of `upto` ([targets, *groups])."""
@@ -399,10 +395,27 @@ class _Sample:
     def pick(self, keys: Sequence[jax.Array] = (), distinct: Sequence[jax.Array] = ()) -> list[jax.Array]:
         """The keys at positions `keys`, then the distinct counts at positions `distinct`
         ([targets, *groups] each; clipped to the sample)."""
-        size, groups = self.size, self.table.shape[1:-1]
-        row = jnp.arange(math.prod(groups), dtype=jnp.int32).reshape(groups) * size
-        at = [row + jnp.clip(i, 0, size - 1) for i in keys] + [row.size * size + row + jnp.clip(i, 0, size - 1) for i in distinct]
-        return list(self.table.reshape(-1)[jnp.stack(at)])
+        size = self.size
+        at = [jnp.clip(i, 0, size - 1) for i in keys] + [size + jnp.clip(i, 0, size - 1) for i in distinct]
+        return list(jnp.moveaxis(_take(self.table, jnp.stack(at, axis=-1), self.table.ndim - 1), -1, 0))
+
+
+def _position(sample: _Sample, b: _Bracket, k: jax.Array, between: tuple[jax.Array, jax.Array] | None = None):
+    """Where each target stands in the sample: the position of its first key in [lo, hi] and how
+    many keys it holds there, the target's expected position among all the keys and its standard
+    deviation (None for an empty sample); also, in the same reduction, the number of keys
+    `between` two other keys (float; 0 without them or a sample)."""
+    seen = jnp.zeros(b.lo.shape, jnp.float32)
+    if not sample.size:
+        return None, seen
+    if between is None:
+        first, upto = sample.count(below=[b.lo], upto=[b.hi])
+    else:
+        first, lo, upto, hi = sample.count(below=[b.lo, between[0]], upto=[b.hi, between[1]])
+        seen = jnp.maximum(hi - lo, 0).astype(jnp.float32)
+    m = upto - first
+    f = ((k - b.c_lo).astype(jnp.float32) + 0.5) / jnp.maximum(b.c_hi - b.c_lo, 1).astype(jnp.float32)
+    return (first, m, first + f * m - 0.5, jnp.sqrt(m * f * (1 - f))), seen
 
 
 def _take(x: jax.Array, i: jax.Array, axis: int) -> jax.Array:
@@ -412,15 +425,6 @@ def _take(x: jax.Array, i: jax.Array, axis: int) -> jax.Array:
     rows, n = x.shape[:axis], x.shape[axis]
     row = jnp.arange(math.prod(rows), dtype=jnp.int32).reshape(rows + (1,))
     return x.reshape((-1,) + x.shape[axis + 1 :])[row * n + i]
-
-
-def _position(b: _Bracket, k: jax.Array, first: jax.Array, upto: jax.Array) -> tuple[jax.Array, ...]:
-    """Where each target stands in the sample, given its keys below lo (`first`) and up to hi: the
-    position of its first key in [lo, hi] and how many keys it holds there, the target's expected
-    position among all the keys and its standard deviation."""
-    m = upto - first
-    f = ((k - b.c_lo).astype(jnp.float32) + 0.5) / jnp.maximum(b.c_hi - b.c_lo, 1).astype(jnp.float32)
-    return first, m, first + f * m - 0.5, jnp.sqrt(m * f * (1 - f))
 
 
 def _sample_pivots(sample: _Sample, at, b: _Bracket) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
@@ -471,10 +475,7 @@ def _interp_pivots(sample: _Sample, b: _Bracket, k: jax.Array) -> tuple[jax.Arra
     p_lo = jnp.where(center - b.lo <= mk, b.lo, center - mk)
     p_hi = jnp.where(b.hi - center <= mk, b.hi, center + mk)
     expected = jnp.minimum(r, 2 * m + 1)
-    at, seen = None, jnp.zeros(b.lo.shape, jnp.float32)  # seen: sample keys in [p_lo, p_hi]
-    if sample.size:
-        first, p_below, upto, p_upto = sample.count(below=[b.lo, p_lo], upto=[b.hi, p_hi])
-        at, seen = _position(b, k, first, upto), jnp.maximum(p_upto - p_below, 0).astype(jnp.float32)
+    at, seen = _position(sample, b, k, (p_lo, p_hi))  # seen: sample keys in [p_lo, p_hi]
     (s_lo, s_hi, share), (n_lo, n_hi, lumpy) = _sample_pivots(sample, at, b)
     m_s = jnp.zeros(b.lo.shape, jnp.float32) if at is None else at[1].astype(jnp.float32)  # sample keys in [lo, hi]
     due = m_s * expected / r
@@ -625,8 +626,7 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
     if sample.size == n:  # the sample is the group: its k-th key is the value
         s_lo = s_hi = sample.pick(keys=[jnp.minimum(k, n - 1)])[0]
     else:
-        at = _position(start, k, *sample.count(below=[start.lo], upto=[start.hi])) if sample.size else None
-        (s_lo, s_hi, _), _ = _sample_pivots(sample, at, start)
+        (s_lo, s_hi, _), _ = _sample_pivots(sample, _position(sample, start, k)[0], start)
     start = start.replace(hint=(open_, s_lo, s_hi, jnp.full(k.shape, jnp.inf)))
     few = n if not any(groups.at) else max(2.0, _FEW * groups.blocks)  # blocks of one entry are always complete
 
