@@ -1,9 +1,9 @@
 """Where one leaf's merge kernel spends its time: the kernel and its parts, as multiples of one pass.
 
-    python bench/kernel.py [--side 4096] [--tasks 4] [--reps 3] [--method breadcrumbs|ties]
+    python bench/kernel.py [--side 4096] [--tasks 4] [--reps 3] [--method breadcrumbs|ties] [--dtype bfloat16]
 
-On a [T, side, side] stack of bfloat16 fine-tuned leaves (small perturbations of a bfloat16 base,
-as bench/llama_models.py makes), in one process and interleaved (only ratios in one run mean
+On a [T, side, side] stack of fine-tuned leaves (small perturbations of a base, in --dtype: bfloat16,
+as bench/llama_models.py makes them, float16 or float32), in one process and interleaved (only ratios in one run mean
 anything), the median over --reps of:
   pass       jnp.abs(tau).sum() over the stored float32 task vectors (one read; the unit)
   tau        the task vectors recomputed from the bf16 inputs, summed
@@ -12,7 +12,7 @@ anything), the median over --reps of:
   stats      the report's per-task statistics of the band (given its thresholds; ~0 when an entry
              tied with the upper threshold ranks below it in every group, as bf16 differences do)
   stats_pass the same with that pass forced (the cost where the largest kept |tau| must be read)
-  kernel     the whole jitted leaf merge (merge._merge_kernel), output in bfloat16
+  kernel     the whole jitted leaf merge (merge._merge_kernel), output in --dtype
 """
 
 from __future__ import annotations
@@ -35,11 +35,15 @@ from breadcrumbs_jax.steps import LeafContext
 METHODS = {"breadcrumbs": bj.breadcrumbs(1.0, density=0.1, gamma_top=0.01), "ties": bj.ties(1.0, density=0.2)}
 
 
-def inputs(tasks: int, shape: tuple[int, ...], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
+
+
+def inputs(tasks: int, shape: tuple[int, ...], seed: int = 0, dtype: str = "bfloat16") -> tuple[np.ndarray, np.ndarray]:
+    """A base leaf ~ N(0, 0.02) and T fine-tunings (base + N(0, 0.002)), both rounded to `dtype`."""
     rng = np.random.default_rng(seed)
-    base = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    base = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(DTYPES[dtype])
     noise = rng.standard_normal((tasks, *shape), dtype=np.float32) * 0.002
-    return base, (base.astype(np.float32)[None] + noise).astype(ml_dtypes.bfloat16)
+    return base, (base.astype(np.float32)[None] + noise).astype(DTYPES[dtype])
 
 
 def parts(method, base, stack) -> dict:
@@ -60,7 +64,7 @@ def parts(method, base, stack) -> dict:
         "stats": kernel_store.jit(lambda b, s, _: sel._rank_stats(Part(lambda: _stack_tau(b, s), axes), lo, hi)),
         "stats_pass": kernel_store.jit(lambda b, s, _: sel._rank_stats(Part(lambda: _stack_tau(b, s), axes), lo, unknown_under)),
         "kernel": lambda b, s, _: _merge_kernel(
-            b, s, jnp.uint32(0), None, method=method, out_axis=None, out_dtype=np.dtype(ml_dtypes.bfloat16)),
+            b, s, jnp.uint32(0), None, method=method, out_axis=None, out_dtype=base.dtype),
     }
 
 
@@ -70,11 +74,12 @@ def main():
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--method", default="breadcrumbs", choices=sorted(METHODS))
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     args = ap.parse_args()
-    base, stack = (jax.device_put(x) for x in inputs(args.tasks, (args.side, args.side)))
+    base, stack = (jax.device_put(x) for x in inputs(args.tasks, (args.side, args.side), dtype=args.dtype))
     tau = jax.block_until_ready(_stack_tau(base, stack))
     t = bench(parts(METHODS[args.method], base, stack), (base, stack, tau), args.reps)
-    print(f"jax {jax.__version__}; {args.method}; T={args.tasks} x {args.side}x{args.side} bfloat16; "
+    print(f"jax {jax.__version__}; {args.method}; T={args.tasks} x {args.side}x{args.side} {args.dtype}; "
           f"median of {args.reps}; multiples of one pass ({t['pass'] * 1e3:.1f} ms)")
     for name, seconds in t.items():
         print(f"  {name:10s} {seconds / t['pass']:6.1f}x")

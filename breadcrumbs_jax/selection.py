@@ -14,8 +14,9 @@ where keys cluster, as runs of ties do; a miss is followed by pivots bracketing 
 tangent estimates, or by the sample's after a miss on repeating sample keys). In a group of at
 least 2**23 entries, once a pass has counted a bracket whole and it holds at most one in 8192 of
 them, the search ends by gathering them: that pass's counts per block of 32 entries say which
-blocks hold candidates; only those are read, and their candidates sorted by (key, index) give both
-the value and the index threshold. A pass on a bracket of few distinct keys, one that cannot be
+blocks hold candidates; only those are read; their keys sorted give the value, and the flat indices
+of its ties sorted the index threshold. There, interpolated brackets are made almost as wide as can
+be gathered, so that one pass that lands on the target ends the search. A pass on a bracket of few distinct keys, one that cannot be
 narrowed, or (without gathering: smaller groups, several parts, sharded) one expected to hold few
 entries also keeps, per target and block of about 1024 entries, the number, min and max of its
 candidates: unless a block holds three distinct candidates these are all of them and give the
@@ -62,7 +63,7 @@ _SPREAD = 2.5  # half-width of a sampled bracket, in standard deviations of the 
 _NEAR = 0.35  # ... and of the pivots where sample keys repeat (fewest passes on bf16 differences)
 _GATHER_FROM = 1 << 23  # groups of at least this many entries end their search by gathering ...
 _GATHER_SHARE = 8192  # ... a bracket that holds at most one in this many of their entries
-_SUPER = 32  # first-level blocks per superblock, to find the blocks that hold candidates
+_FILL = 0.45  # ... and their interpolated brackets hold this share of it either side of the center, at least
 _PREFIX = 64  # entries per block of the running sums that find them
 
 
@@ -459,18 +460,18 @@ def _sample_pivots(sample: _Sample, at, b: _Bracket) -> tuple[tuple[jax.Array, .
     return (jnp.where(run, k_j_lo, s_lo), jnp.where(run, k_j_lo, s_hi), share), (*near, lumpy)
 
 
-def _interp_pivots(sample: _Sample, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ...]:
+def _interp_pivots(sample: _Sample, b: _Bracket, k: jax.Array, least: float = 0.0) -> tuple[jax.Array, ...]:
     """Pivots for the next pass: the hint if there is one; else, where the sample's keys repeat,
     sample keys close to the target (`_sample_pivots`); else around the key where rank k is expected
     if the keys in [lo, hi] were evenly spread, when that agrees with the sample (it does not where
-    keys cluster), and the sample's bracket when not. Also the expected number of entries between
-    them, whether the bracket could not be narrowed, and whether the pivots are sample keys that
-    repeat (runs of ties)."""
+    keys cluster), and the sample's bracket when not; that one holds `least` entries either side of
+    its center at least. Also the expected number of entries between them, whether the bracket
+    could not be narrowed, and whether the pivots are sample keys that repeat (runs of ties)."""
     r = jnp.maximum(b.c_hi - b.c_lo, 1).astype(jnp.float32)
     width = (b.hi - b.lo).astype(jnp.float32) + 1.0
     off = jnp.floor(((k - b.c_lo).astype(jnp.float32) + 0.5) / r * width)
     center = b.lo + jnp.clip(off, 0.0, jnp.minimum(width - 1, _BIG)).astype(jnp.int32)
-    m = _MARGIN * jnp.sqrt(r) + _BIAS * r + 1.0
+    m = jnp.maximum(_MARGIN * jnp.sqrt(r) + _BIAS * r + 1.0, least)
     mk = jnp.minimum(jnp.ceil(m / r * width), _BIG).astype(jnp.int32)
     p_lo = jnp.where(center - b.lo <= mk, b.lo, center - mk)
     p_hi = jnp.where(b.hi - center <= mk, b.hi, center + mk)
@@ -631,7 +632,7 @@ def _value_search(groups: _Groups, k: jax.Array, budget: int) -> _Bracket:
     few = n if not any(groups.at) else max(2.0, _FEW * groups.blocks)  # blocks of one entry are always complete
 
     def body(b: _Bracket) -> _Bracket:
-        p_lo, p_hi, expected, pin, runs = _interp_pivots(sample, b, k)
+        p_lo, p_hi, expected, pin, runs = _interp_pivots(sample, b, k, _FILL * groups.cap)
         # a bracket that may be gathered is counted whole (once more if the last pass did not)
         small = (b.c_hi - b.c_lo <= groups.cap) if groups.cap else no
         # else extract the whole bracket when it holds few entries or few keys (runs of ties are
@@ -703,37 +704,52 @@ def _running_sums(x: jax.Array) -> jax.Array:
     return sums.reshape(x.shape[:-2] + (blocks * _PREFIX,))[..., :n]
 
 
-def _positions(mask: jax.Array, size: int) -> jax.Array:
-    """Positions of the first `size` True entries of each row of a [rows, n] mask, in order; n in
-    the slots after the last (as jnp.nonzero(size=, fill_value=n) per row)."""
-    rows, n = mask.shape
-    slot = jnp.where(mask, _running_sums(mask.astype(jnp.int32)) - 1, size)  # out of range: dropped
-    at = jnp.full((rows, size), n, jnp.int32)
-    return at.at[jnp.arange(rows)[:, None], slot].set(jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), mask.shape), mode="drop")
+def _bit_words(mask: jax.Array) -> jax.Array:
+    """The [..., m, w <= 32] mask as one uint32 word per row of w: bit i set when entry i is."""
+    bits = mask.astype(jnp.uint32) << jnp.arange(mask.shape[-1], dtype=jnp.uint32)
+    return jnp.sum(bits, axis=-1, dtype=jnp.uint32)
+
+
+def _set_bits(words: jax.Array, width: int, size: int) -> jax.Array:
+    """Positions (word * width + bit) of the first `size` set bits of each row of [rows, n] uint32
+    `words`, in order; n * width in the slots after the last (as jnp.nonzero(size=) of the bits).
+    Slot j lies in the word whose running count of set bits first passes j: the words whose count
+    ends at or before j are counted by a scatter into the slots, and the bit by halving the word.
+    Everything but the scatter and the count is `size` wide, however many words there are."""
+    rows, n = words.shape
+    counts = lax.population_count(words).astype(jnp.int32)
+    ends = _running_sums(counts)
+    row = jnp.arange(rows)[:, None]
+    word = _running_sums(jnp.zeros((rows, size), jnp.int32).at[row, ends].add(1, mode="drop"))
+    at = jnp.minimum(word, n - 1)
+    x, rank = jnp.moveaxis(_take(jnp.stack([lax.bitcast_convert_type(words, jnp.int32), ends - counts], -1), at, 1), -1, 0)
+    x, rank, bit = lax.bitcast_convert_type(x, jnp.uint32), jnp.arange(size, dtype=jnp.int32) - rank, jnp.zeros_like(at)
+    for half in (16, 8, 4, 2, 1):  # the rank-th set bit of x: skip the lower half where it lies above
+        low = lax.population_count((x >> bit.astype(jnp.uint32)) & jnp.uint32((1 << half) - 1)).astype(jnp.int32)
+        up = rank >= low
+        rank, bit = rank - jnp.where(up, low, 0), bit + jnp.where(up, half, 0)
+    return jnp.where(word < n, word * width + bit, n * width)
 
 
 def _gathered(groups: _Groups, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ...]:
     """The value of each target rank k, the entries below it, and its index threshold, for
     brackets that the last pass counted whole (`b.blocks`): the first-level blocks that hold
-    candidates are found through superblocks of `_SUPER` (no running sum spans all blocks), read
-    (a gather, which XLA fuses with the part's computation), and their candidates sorted by
-    (key, flat index). At most `groups.cap` candidates per target and group."""
+    candidates are found from one bit per block, read (a gather, which XLA fuses with the part's
+    computation), their candidates found from one bit per entry, and sorted by (key, flat index).
+    At most `groups.cap` candidates per target and group."""
     part, cap, n_t = groups.parts[0], groups.cap, k.shape[0]
     (axis, r), shape = groups.plans[0][0], part.values.shape
     axes, free = sorted(part.axes), [a for a in range(len(shape)) if a not in part.axes]
     first = [d // r if a == axis else d for a, d in enumerate(shape)]
     n_groups, n_blocks = math.prod(shape[a] for a in free), math.prod(first[a] for a in axes)
-    rows, n_super = n_t * n_groups, -(-n_blocks // _SUPER)
-    c_super, c_blocks = min(cap, n_super), min(cap, n_blocks)  # the most that hold candidates
+    rows, n_words = n_t * n_groups, -(-n_blocks // 32)
+    c_blocks = min(cap, n_blocks)  # the most blocks that hold candidates
 
     cand = jnp.stack(_unpack(list(b.blocks), 8, n_t))  # [targets, *first]: candidates per block
     cand = jnp.transpose(cand, [0] + [a + 1 for a in free + axes]).reshape(rows, n_blocks)
-    cand = jnp.pad(cand, ((0, 0), (0, n_super * _SUPER - n_blocks))).reshape(rows, n_super, _SUPER)
-    sup = _positions(jnp.sum(cand, axis=-1) > 0, c_super)  # [rows, c_super]: superblocks with candidates
-    c = _take(cand, jnp.minimum(sup, n_super - 1), 1)
-    at = _positions((jnp.where((sup < n_super)[..., None], c, 0) > 0).reshape(rows, c_super * _SUPER), c_blocks)
-    block = _take(sup, jnp.minimum(at // _SUPER, c_super - 1), 1) * _SUPER + at % _SUPER
-    valid = (at < c_super * _SUPER)[..., None]  # [rows, c_blocks, 1]
+    cand = jnp.pad(cand > 0, ((0, 0), (0, n_words * 32 - n_blocks))).reshape(rows, n_words, 32)
+    block = _set_bits(_bit_words(cand), 32, c_blocks)  # [rows, c_blocks]: the blocks with candidates
+    valid = (block < n_blocks)[..., None]  # [rows, c_blocks, 1]
 
     # the entries of those blocks: [rows, c_blocks, r]
     index = [None] * len(shape)
@@ -745,17 +761,20 @@ def _gathered(groups: _Groups, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ..
     keys = Part(part.values[tuple(index)], ()).keys
     flat = _row_major([index[a] for a in axes], [shape[a] for a in axes])
     lo, hi = (x.reshape(rows, 1, 1) for x in (b.lo, b.hi))
-    keep = _positions((valid & (keys >= lo) & (keys <= hi)).reshape(rows, -1), cap)
+    keep = _set_bits(_bit_words(valid & (keys >= lo) & (keys <= hi)), r, cap)  # [rows, cap]: the candidates
     ok = keep < keys[0].size
-    take = lambda x: _take(jnp.broadcast_to(x, keys.shape).reshape(rows, -1), jnp.minimum(keep, keys[0].size - 1), 1)  # noqa: E731
-    ck, ci = lax.sort((jnp.where(ok, take(keys), KEY_MAX), jnp.where(ok, take(flat), KEY_MAX)), dimension=1, num_keys=2)
+    table = jnp.stack([keys, jnp.broadcast_to(flat, keys.shape)], -1).reshape(rows, -1, 2)
+    ck, cf = jnp.moveaxis(_take(table, jnp.minimum(keep, keys[0].size - 1), 1), -1, 0)
+    ck = jnp.where(ok, ck, KEY_MAX)
 
-    c_lo = b.c_lo.reshape(rows, 1)
-    j = jnp.clip(k.reshape(rows, 1) - c_lo, 0, cap - 1)
-    value, idx = _take(ck, j, 1), _take(ci, j, 1)
+    # the value: the j-th smallest candidate key; its index: the flat index of the tie that has
+    # rank k (single-array sorts: XLA:CPU sorts (key, index) pairs 6x slower)
+    c_lo, k = b.c_lo.reshape(rows, 1), k.reshape(rows, 1)
+    value = _take(jnp.sort(ck, axis=1), jnp.clip(k - c_lo, 0, cap - 1), 1)
     under = c_lo + jnp.sum(ck < value, axis=1, keepdims=True, dtype=jnp.int32)
-    idx = jnp.where(under == k.reshape(rows, 1), 0, idx)  # no tie below rank k: index 0, as elsewhere
-    return tuple(x.reshape(k.shape) for x in (value, under, idx))
+    ties = jnp.sort(jnp.where(ck == value, cf, KEY_MAX), axis=1)
+    idx = jnp.where(under == k, 0, _take(ties, jnp.clip(k - under, 0, cap - 1), 1))  # no tie below rank k: index 0, as elsewhere
+    return tuple(x.reshape(b.lo.shape) for x in (value, under, idx))
 
 
 # ---------------------------------------------------------------- the index threshold inside a run of ties

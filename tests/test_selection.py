@@ -217,6 +217,22 @@ def test_take_gathers_per_row_as_take_along_axis():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("width", [32, 20])
+def test_set_bits_give_the_positions_of_the_set_bits(width):
+    """`_set_bits` of a mask packed by `_bit_words`: the positions of its first `size` set bits (as
+    np.nonzero of the flattened mask gives them), then the mask's size; rows empty, sparse, half
+    and wholly set (bit 31, the sign bit of an int32 word)."""
+    rng = np.random.default_rng(width)
+    mask = rng.random((4, 50, width)) < np.array([0.0, 0.02, 0.5, 1.0])[:, None, None]
+    words = selection._bit_words(jnp.asarray(mask))
+    for size in (1, 40, 700):
+        got = np.asarray(jax.jit(selection._set_bits, static_argnums=(1, 2))(words, width, size))
+        for row, m in enumerate(mask):
+            at = np.flatnonzero(m)[:size]
+            want = np.concatenate([at, np.full(size - at.size, m.size)])
+            np.testing.assert_array_equal(got[row], want, err_msg=f"row {row}, size {size}")
+
+
 @pytest.mark.parametrize(
     "base, stack, gathers",
     [("float32", "float32", True), ("float32", "bfloat16", True), ("float16", "float16", True), ("bfloat16", "bfloat16", False)],
@@ -240,13 +256,15 @@ def test_merge_kernels_gather_unless_task_vectors_are_bfloat16_differences(monke
     assert bool(traced) == gathers
 
 
+@pytest.mark.parametrize("shape", [(3, 48, 40), (3, 64, 7)])
 @pytest.mark.parametrize("kind", ["bf16", "integers", "zeros"])
-def test_gathering_finds_the_thresholds_of_the_sort(kind):
+def test_gathering_finds_the_thresholds_of_the_sort(kind, shape):
     """A search that ends by gathering (a capacity that takes the first bracket counted) gives the
     thresholds of the sort of small groups: value, index threshold (0 where no entry equal to the
-    value ranks below k) and the count below the value."""
-    x = jnp.asarray(make(kind, (3, 48, 40), 11))
-    n = 48 * 40
+    value ranks below k) and the count below the value. Blocks of [64, 7] run down the rows, so
+    the candidates are gathered out of flat index order."""
+    x = jnp.asarray(make(kind, shape, 11))
+    n = shape[1] * shape[2]
     ranks = [0, 7, n // 3, int(n * 0.85), n - 1, n]
     want = rank_thresholds([Part(x, (1, 2))], ranks, sharded=False)
     got = rank_thresholds([Part(x, (1, 2))], ranks, sample=64, sharded=False, capacity=1 << 20)
