@@ -2,11 +2,11 @@
 
     python bench/kernel.py [--side 4096] [--tasks 4] [--reps 3] [--method breadcrumbs|ties] [--dtype bfloat16]
 
-On a [T, side, side] stack of fine-tuned leaves (small perturbations of a base, in --dtype: bfloat16,
-as bench/llama_models.py makes them, float16 or float32), in one process and interleaved (only ratios in one run mean
-anything), the median over --reps of:
+On a [T, side, side] stack of fine-tuned leaves (small perturbations of a base, in --dtype:
+bfloat16 as bench/llama_models.py makes them, float16 or float32), in one process and interleaved
+(only ratios in one run mean anything), the median over --reps of:
   pass       jnp.abs(tau).sum() over the stored float32 task vectors (one read; the unit)
-  tau        the task vectors recomputed from the bf16 inputs, summed
+  tau        the task vectors recomputed from the inputs, summed
   finite     the NaN/Inf check of the T + 1 inputs
   mask       the method's band mask, task vectors recomputed, applied (jnp.where)
   stats      the report's per-task statistics of the band (given its thresholds; ~0 when an entry

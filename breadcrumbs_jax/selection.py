@@ -16,11 +16,12 @@ least 2**23 entries, once a pass has counted a bracket whole and it holds at mos
 them, the search ends by gathering them: that pass's counts per block of 32 entries say which
 blocks hold candidates; only those are read; their keys sorted give the value, and the flat indices
 of its ties sorted the index threshold. There, interpolated brackets are made almost as wide as can
-be gathered, so that one pass that lands on the target ends the search. A pass on a bracket of few distinct keys, one that cannot be
-narrowed, or (without gathering: smaller groups, several parts, sharded) one expected to hold few
-entries also keeps, per target and block of about 1024 entries, the number, min and max of its
-candidates: unless a block holds three distinct candidates these are all of them and give the
-value at once; otherwise they bound it, and the next pivots split those bounds.
+be gathered, so that one pass that lands on the target ends the search. A pass on a bracket of few
+distinct keys, one that cannot be narrowed, or (without gathering: smaller groups, several parts,
+sharded) one expected to hold few entries also keeps, per target and block of about 1024 entries,
+the number, min and max of its candidates: unless a block holds three distinct candidates these are
+all of them and give the value at once; otherwise they bound it, and the next pivots split those
+bounds.
 
 Index. Only when the target lies strictly inside a run of equal keys is the index threshold needed.
 It is found by position: a pass counts the tied entries along the first group axis, a running sum of
@@ -63,8 +64,8 @@ _SPREAD = 2.5  # half-width of a sampled bracket, in standard deviations of the 
 _NEAR = 0.35  # ... and of the pivots where sample keys repeat (fewest passes on bf16 differences)
 _GATHER_FROM = 1 << 23  # groups of at least this many entries end their search by gathering ...
 _GATHER_SHARE = 8192  # ... a bracket that holds at most one in this many of their entries
-_FILL = 0.45  # ... and their interpolated brackets hold this share of it either side of the center, at least
-_PREFIX = 64  # entries per block of the running sums that find them
+_FILL = 0.45  # ... and an interpolated bracket there holds this share of that either side of its center, at least
+_PREFIX = 64  # entries per block of `_running_sums`
 
 
 def magnitude_keys(x: jax.Array) -> jax.Array:
@@ -735,8 +736,9 @@ def _gathered(groups: _Groups, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ..
     """The value of each target rank k, the entries below it, and its index threshold, for
     brackets that the last pass counted whole (`b.blocks`): the first-level blocks that hold
     candidates are found from one bit per block, read (a gather, which XLA fuses with the part's
-    computation), their candidates found from one bit per entry, and sorted by (key, flat index).
-    At most `groups.cap` candidates per target and group."""
+    computation), and their candidates found from one bit per entry; their keys sorted give the
+    value, the flat indices of its ties sorted the index threshold. At most `groups.cap`
+    candidates per target and group."""
     part, cap, n_t = groups.parts[0], groups.cap, k.shape[0]
     (axis, r), shape = groups.plans[0][0], part.values.shape
     axes, free = sorted(part.axes), [a for a in range(len(shape)) if a not in part.axes]
