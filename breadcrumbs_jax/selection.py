@@ -243,6 +243,20 @@ def _blocked(lanes: Sequence[jax.Array], extras: Sequence[tuple[jax.Array, str]]
     return levels, rest
 
 
+def gather_capacity(size: int, mantissa: int | None = None) -> int:
+    """The most entries a bracket may hold to end a search by gathering (0: never), in a group of
+    `size` entries of task vectors that are differences of floats with `mantissa` bits (None: any).
+    Smaller groups than 2**23 never gather: the passes it would save cost less than compiling it.
+    bfloat16 differences (7 bits) never do: they end on runs of ties by counting, in as many
+    passes. float16 differences (10 bits) gather one in 2048 of the entries: their runs of ties at
+    the band's edges hold more than one in 8192, and a run that fits is gathered whole, without
+    the passes that place the index threshold. Others gather one in 8192. A power of two."""
+    if size < _GATHER_FROM or (mantissa is not None and mantissa <= 7):
+        return 0
+    share = _GATHER_SHARE // 4 if mantissa is not None and mantissa <= 10 else _GATHER_SHARE
+    return 1 << (-(-size // share) - 1).bit_length()
+
+
 class _Groups:
     """The groups of a call and how arrays of one value per group and target meet each part.
 
@@ -289,8 +303,8 @@ class _Groups:
             self.cap = 0
         elif capacity is not None:
             self.cap = min(capacity, self.size)
-        else:  # smaller groups: the passes it would save cost less than compiling it (0.4 s a kernel)
-            self.cap = 1 << (-(-self.size // _GATHER_SHARE) - 1).bit_length() if self.size >= _GATHER_FROM else 0
+        else:
+            self.cap = gather_capacity(self.size)
 
     def expand(self, g: jax.Array, p: int, lead: int = 1) -> jax.Array:
         """[*lead, *shape] values against part p's arrays with `lead` extra leading axes."""

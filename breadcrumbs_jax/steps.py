@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .band import Band, exact_fraction
-from .selection import Part, Threshold, below, evaluate, rank_thresholds, reduce_groups
+from .selection import Part, Threshold, below, evaluate, gather_capacity, rank_thresholds, reduce_groups
 
 Granularity = Literal["tensor", "row", "global"]
 GRANULARITIES = ("tensor", "row", "global")
@@ -32,15 +32,14 @@ class LeafContext:
     """Per-leaf facts a step may use: row axis (of the leaf, without the task axis),
     a stable hash of the leaf path (seeds DARE), precomputed global thresholds, whether the
     leaf spans several devices (None: whether JAX sees several; see `rank_thresholds`), and
-    whether the task vectors are differences of bfloat16 (or coarser) floats (`lattice`: their
-    magnitudes lie on a coarse lattice, so a selection ends on runs of ties by counting; it is
-    compiled without gathering, which saves it no pass there, unlike on float16 differences)."""
+    the mantissa bits of the task vectors' inputs (the finer of the pre-trained and fine-tuned
+    float dtypes; None: not known), which set how a selection gathers (`gather_capacity`)."""
 
     out_axis: int | None = None
     path_hash: jax.Array | None = None
     thresholds: tuple[Threshold, Threshold] | None = None
     sharded: bool | None = None
-    lattice: bool = False
+    mantissa: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +136,7 @@ class MagnitudeBand:
             if ctx.thresholds is None:
                 raise ValueError("global granularity needs thresholds computed over all leaves")
             return part, *ctx.thresholds
-        return part, *self.thresholds([part], part.size, ctx.sharded, 0 if ctx.lattice else None)
+        return part, *self.thresholds([part], part.size, ctx.sharded, gather_capacity(part.size, ctx.mantissa))
 
     def mask(
         self, tau: jax.Array | Callable[[], jax.Array], ctx: LeafContext = LeafContext()

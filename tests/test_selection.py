@@ -234,18 +234,19 @@ def test_set_bits_give_the_positions_of_the_set_bits(width):
 
 
 @pytest.mark.parametrize(
-    "base, stack, gathers",
-    [("float32", "float32", True), ("float32", "bfloat16", True), ("float16", "float16", True), ("bfloat16", "bfloat16", False)],
+    "base, stack, cap",
+    [("float32", "float32", 1024), ("float32", "bfloat16", 1024), ("float16", "float16", 4096), ("bfloat16", "bfloat16", 0)],
 )
-def test_merge_kernels_gather_unless_task_vectors_are_bfloat16_differences(monkeypatch, base, stack, gathers):
-    """A merge kernel of a group of 2**23 entries is traced with gathering unless its task vectors
-    are differences of bfloat16 leaves: those resolve on runs of ties by counting (the same passes
-    either way on Llama-shaped leaves), and gathering would only add to the compile."""
+def test_merge_kernels_gather_by_the_precision_of_the_task_vectors(monkeypatch, base, stack, cap):
+    """A merge kernel of a group of 2**23 entries gathers one in 8192 entries, one in 2048 where the
+    task vectors are differences of float16 leaves (their runs of ties hold more than one in
+    8192), and never where they are differences of bfloat16 leaves (those resolve on runs of ties
+    by counting, in the same passes either way: gathering would only add to the compile)."""
     traced, gathered = [], selection._gathered
 
-    def recording(*args):
-        traced.append(args)
-        return gathered(*args)
+    def recording(groups, *args):
+        traced.append(groups.cap)
+        return gathered(groups, *args)
 
     monkeypatch.setattr(selection, "_gathered", recording)
     shape = (4096, 2048)
@@ -253,7 +254,13 @@ def test_merge_kernels_gather_unless_task_vectors_are_bfloat16_differences(monke
     base, stack = jnp.dtype(base), jnp.dtype(stack)
     kernel = functools.partial(_merge_kernel.__wrapped__, method=method, out_axis=None, out_dtype=stack, sharded=False)
     jax.eval_shape(kernel, jax.ShapeDtypeStruct(shape, base), jax.ShapeDtypeStruct((2, *shape), stack), jnp.uint32(0), None)
-    assert bool(traced) == gathers
+    assert traced == ([cap] if cap else [])
+
+
+def test_gather_capacity():
+    assert selection.gather_capacity((1 << 23) - 1) == 0  # smaller groups never gather
+    assert [selection.gather_capacity(1 << 23, m) for m in (None, 23, 10, 7)] == [1024, 1024, 4096, 0]
+    assert selection.gather_capacity(3 << 23) == 4096  # a power of two, at least one in 8192
 
 
 @pytest.mark.parametrize("shape", [(3, 48, 40), (3, 64, 7)])
