@@ -107,7 +107,7 @@ def _finite(base, stacked) -> jax.Array:
 @functools.partial(kernel_store.jit, static_argnames=("method", "out_axis", "out_dtype", "sharded"))
 def _merge_kernel(base, stacked, leaf_hash, thresholds, *, method: Method, out_axis, out_dtype, sharded=None):
     floats = [jnp.finfo(x.dtype).nmant for x in (base, stacked) if jnp.issubdtype(x.dtype, jnp.floating)]
-    mantissa = max(floats) if len(floats) == 2 else None  # a difference is as coarse as its finer input
+    mantissa = max(floats) if len(floats) == 2 else None  # a difference resolves as finely as its finer input
     ctx = LeafContext(out_axis=out_axis, path_hash=leaf_hash, thresholds=thresholds, sharded=sharded, mantissa=mantissa)
     state = method(lambda: _stack_tau(base, stacked), ctx)
     merged = (base.astype(jnp.float32) + state.delta).astype(out_dtype)

@@ -11,17 +11,17 @@ each; all targets share one int32 word per entry (8-bit lanes); the bracket shri
 target falls on. Pivots: first from a sorted strided sample of each group (the sample is sorted,
 never the data); then by interpolating the target's rank inside the bracket (the sample decides
 where keys cluster, as runs of ties do; a miss is followed by pivots bracketing the chord and
-tangent estimates, or by the sample's after a miss on repeating sample keys). In a group of at
-least 2**23 entries, once a pass has counted a bracket whole and it holds at most one in 8192 of
-them, the search ends by gathering them: that pass's counts per block of 32 entries say which
-blocks hold candidates; only those are read; their keys sorted give the value, and the flat indices
-of its ties sorted the index threshold. There, interpolated brackets are made almost as wide as can
-be gathered, so that one pass that lands on the target ends the search. A pass on a bracket of few
-distinct keys, one that cannot be narrowed, or (without gathering: smaller groups, several parts,
-sharded) one expected to hold few entries also keeps, per target and block of about 1024 entries,
-the number, min and max of its candidates: unless a block holds three distinct candidates these are
-all of them and give the value at once; otherwise they bound it, and the next pivots split those
-bounds.
+tangent estimates, or by the sample's after a miss on repeating sample keys). In a group of at least
+2**23 entries, once a pass has counted a bracket whole and it holds at most one in 8192 of them
+(2048 in differences of float16 floats), the search ends by gathering them: that pass's counts per
+block of 32 entries say which blocks hold candidates; only those are read; their keys sorted give
+the value, and the flat indices of its ties sorted the index threshold. There, interpolated brackets
+are made almost as wide as can be gathered, so that one pass that lands on the target ends the
+search. A pass on a bracket of few distinct keys, one that cannot be narrowed, or (without
+gathering: smaller groups, several parts, sharded) one expected to hold few entries also keeps, per
+target and block of about 1024 entries, the number, min and max of its candidates: unless a block
+holds three distinct candidates these are all of them and give the value at once; otherwise they
+bound it, and the next pivots split those bounds.
 
 Index. Only when the target lies strictly inside a run of equal keys is the index threshold needed.
 It is found by position: a pass counts the tied entries along the first group axis, a running sum of
@@ -64,6 +64,7 @@ _SPREAD = 2.5  # half-width of a sampled bracket, in standard deviations of the 
 _NEAR = 0.35  # ... and of the pivots where sample keys repeat (fewest passes on bf16 differences)
 _GATHER_FROM = 1 << 23  # groups of at least this many entries end their search by gathering ...
 _GATHER_SHARE = 8192  # ... a bracket that holds at most one in this many of their entries
+_GATHER_SHARE_F16 = 2048  # ... or this many, in differences of float16 floats (see gather_capacity)
 _FILL = 0.45  # ... and an interpolated bracket there holds this share of that either side of its center, at least
 _PREFIX = 64  # entries per block of `_running_sums`
 
@@ -253,7 +254,7 @@ def gather_capacity(size: int, mantissa: int | None = None) -> int:
     the passes that place the index threshold. Others gather one in 8192. A power of two."""
     if size < _GATHER_FROM or (mantissa is not None and mantissa <= 7):
         return 0
-    share = _GATHER_SHARE // 4 if mantissa is not None and mantissa <= 10 else _GATHER_SHARE
+    share = _GATHER_SHARE_F16 if mantissa is not None and mantissa <= 10 else _GATHER_SHARE
     return 1 << (-(-size // share) - 1).bit_length()
 
 
