@@ -720,19 +720,15 @@ def _running_sums(x: jax.Array) -> jax.Array:
     return sums.reshape(x.shape[:-2] + (blocks * _PREFIX,))[..., :n]
 
 
-def _bit_words(mask: jax.Array) -> jax.Array:
-    """The [..., m, w <= 32] mask as one uint32 word per row of w: bit i set when entry i is."""
-    bits = mask.astype(jnp.uint32) << jnp.arange(mask.shape[-1], dtype=jnp.uint32)
-    return jnp.sum(bits, axis=-1, dtype=jnp.uint32)
-
-
-def _set_bits(words: jax.Array, width: int, size: int) -> jax.Array:
-    """Positions (word * width + bit) of the first `size` set bits of each row of [rows, n] uint32
-    `words`, in order; n * width in the slots after the last (as jnp.nonzero(size=) of the bits).
+def _set_bits(mask: jax.Array, size: int) -> jax.Array:
+    """Positions of the first `size` True entries of each row of a [rows, n, width <= 32] mask
+    (flattened per row: word * width + bit), in order; n * width in the slots after the last (as
+    jnp.nonzero(size=)). Each run of `width` entries is packed into one uint32 word.
     Slot j lies in the word whose running count of set bits first passes j: the words whose count
     ends at or before j are counted by a scatter into the slots, and the bit by halving the word.
     Everything but the scatter and the count is `size` wide, however many words there are."""
-    rows, n = words.shape
+    rows, n, width = mask.shape
+    words = jnp.sum(mask.astype(jnp.uint32) << jnp.arange(width, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
     counts = lax.population_count(words).astype(jnp.int32)
     ends = _running_sums(counts)
     row = jnp.arange(rows)[:, None]
@@ -765,7 +761,7 @@ def _gathered(groups: _Groups, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ..
     cand = jnp.stack(_unpack(list(b.blocks), 8, n_t))  # [targets, *first]: candidates per block
     cand = jnp.transpose(cand, [0] + [a + 1 for a in free + axes]).reshape(rows, n_blocks)
     cand = jnp.pad(cand > 0, ((0, 0), (0, n_words * 32 - n_blocks))).reshape(rows, n_words, 32)
-    block = _set_bits(_bit_words(cand), 32, c_blocks)  # [rows, c_blocks]: the blocks with candidates
+    block = _set_bits(cand, c_blocks)  # [rows, c_blocks]: the blocks with candidates
     valid = (block < n_blocks)[..., None]  # [rows, c_blocks, 1]
 
     # the entries of those blocks: [rows, c_blocks, r]
@@ -778,7 +774,7 @@ def _gathered(groups: _Groups, b: _Bracket, k: jax.Array) -> tuple[jax.Array, ..
     keys = Part(part.values[tuple(index)], ()).keys
     flat = _row_major([index[a] for a in axes], [shape[a] for a in axes])
     lo, hi = (x.reshape(rows, 1, 1) for x in (b.lo, b.hi))
-    keep = _set_bits(_bit_words(valid & (keys >= lo) & (keys <= hi)), r, cap)  # [rows, cap]: the candidates
+    keep = _set_bits(valid & (keys >= lo) & (keys <= hi), cap)  # [rows, cap]: the candidates
     ok = keep < keys[0].size
     table = jnp.stack([keys, jnp.broadcast_to(flat, keys.shape)], -1).reshape(rows, -1, 2)
     ck, cf = jnp.moveaxis(_take(table, jnp.minimum(keep, keys[0].size - 1), 1), -1, 0)

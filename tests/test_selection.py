@@ -219,14 +219,13 @@ def test_take_gathers_per_row_as_take_along_axis():
 
 @pytest.mark.parametrize("width", [32, 20])
 def test_set_bits_give_the_positions_of_the_set_bits(width):
-    """`_set_bits` of a mask packed by `_bit_words`: the positions of its first `size` set bits (as
+    """`_set_bits` of a mask: the positions of its first `size` set bits (as
     np.nonzero of the flattened mask gives them), then the mask's size; rows empty, sparse, half
     and wholly set (bit 31, the sign bit of an int32 word)."""
     rng = np.random.default_rng(width)
     mask = rng.random((4, 50, width)) < np.array([0.0, 0.02, 0.5, 1.0])[:, None, None]
-    words = selection._bit_words(jnp.asarray(mask))
     for size in (1, 40, 700):
-        got = np.asarray(jax.jit(selection._set_bits, static_argnums=(1, 2))(words, width, size))
+        got = np.asarray(jax.jit(selection._set_bits, static_argnums=1)(jnp.asarray(mask), size))
         for row, m in enumerate(mask):
             at = np.flatnonzero(m)[:size]
             want = np.concatenate([at, np.full(size - at.size, m.size)])
