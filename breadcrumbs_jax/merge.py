@@ -23,7 +23,7 @@ from jax import lax
 
 from . import kernel_store
 from .errors import MergeError
-from .methods import Method
+from .methods import Method, Structure
 from .paths import flatten
 from .plan import LeafPlan, LeafRule, Layout, format_plan, plan_tree
 from .report import LeafReport, MergeReport, leaf_report
@@ -105,11 +105,20 @@ def _finite(base, stacked) -> jax.Array:
 
 
 @functools.partial(kernel_store.jit, static_argnames=("method", "out_axis", "out_dtype", "sharded"))
-def _merge_kernel(base, stacked, leaf_hash, thresholds, *, method: Method, out_axis, out_dtype, sharded=None):
+def _merge_kernel(
+    base, stacked, leaf_hash, thresholds, numbers=None, *, method: Method | Structure, out_axis, out_dtype, sharded=None
+):
+    """One leaf's merge. `method`: a Method, its numbers compiled in; or a method's `Structure`,
+    its numbers for this leaf given as `numbers` (`_leaf_numbers`), so that one kernel serves every
+    setting of the method's hyperparameters."""
+    if isinstance(method, Structure):
+        if numbers is None:
+            raise TypeError("a merge kernel of a method's structure takes the method's numbers")
+        method = method.method
     floats = [jnp.finfo(x.dtype).nmant for x in (base, stacked) if jnp.issubdtype(x.dtype, jnp.floating)]
     mantissa = max(floats) if len(floats) == 2 else None  # a difference resolves as finely as its finer input
     ctx = LeafContext(out_axis=out_axis, path_hash=leaf_hash, thresholds=thresholds, sharded=sharded, mantissa=mantissa)
-    state = method(lambda: _stack_tau(base, stacked), ctx)
+    state = method(lambda: _stack_tau(base, stacked), ctx, numbers)
     merged = (base.astype(jnp.float32) + state.delta).astype(out_dtype)
     return merged, state.stats, _finite(base, stacked)
 
@@ -118,7 +127,7 @@ def _merge_kernel(base, stacked, leaf_hash, thresholds, *, method: Method, out_a
 def _global_kernel(bases, finetuned, *, selector: MagnitudeBand, sharded: bool):
     taus = [_stack_tau(b, f) for b, f in zip(bases, finetuned)]  # stacks [T, ...] per leaf
     parts = [Part(t, tuple(range(1, t.ndim))) for t in taus]
-    return selector.thresholds(parts, sum(p.size for p in parts), sharded)
+    return selector.thresholds(parts, selector.counts(len(finetuned[0]), sum(p.size for p in parts)), sharded)
 
 
 def spans_devices(*arrays) -> bool:
@@ -192,7 +201,8 @@ def _start(plan: LeafPlan, base, finetuned, names, out_dtype, thresholds, kernel
         base, stack = base.reshape(view), stack.reshape((len(stack), *view))
     if kernel is None or not _fits(kernel, base, stack):
         kernel = functools.partial(_merge_kernel, **_kernel_options(plan, out_dtype, sharded=spans_devices(base, stack)))
-    merged, stats, finite = kernel(base, stack, np.uint32(path_hash(plan.path)), thresholds)
+    numbers = _leaf_numbers(plan, np.shape(stack))
+    merged, stats, finite = kernel(base, stack, np.uint32(path_hash(plan.path)), thresholds, numbers)
     return _Started(plan, names, merged.reshape(plan.shape), stats, finite)
 
 
@@ -217,11 +227,20 @@ def _kernel_view(plan: LeafPlan) -> tuple[int, ...]:
     return kernel_shape(plan.shape) if plan.method.flat else plan.shape
 
 
+def _out_axis(plan: LeafPlan) -> int | None:
+    """The row axis a leaf's kernel sees (a flat method does not use it)."""
+    return None if plan.method.flat else plan.out_axis
+
+
 def _kernel_options(plan: LeafPlan, out_dtype, sharded: bool) -> dict:
-    """The static arguments of a leaf's `_merge_kernel` (a flat method does not use the row axis)."""
+    """The static arguments of a leaf's `_merge_kernel`: its method's structure, not its numbers."""
     dtype = jax.dtypes.canonicalize_dtype(out_dtype if out_dtype is not None else plan.dtype)
-    out_axis = None if plan.method.flat else plan.out_axis
-    return dict(method=plan.method, out_axis=out_axis, out_dtype=dtype, sharded=sharded)
+    return dict(method=plan.method.structure(), out_axis=_out_axis(plan), out_dtype=dtype, sharded=sharded)
+
+
+def _leaf_numbers(plan: LeafPlan, stack_shape: tuple[int, ...]) -> tuple:
+    """The numbers a leaf's kernel takes: its method's hyperparameters for a stack of that shape."""
+    return plan.method.numbers(tuple(stack_shape), LeafContext(out_axis=_out_axis(plan)))
 
 
 def kernel_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -296,8 +315,9 @@ def _compiled_ahead(
         for plan in plans:
             shape = _kernel_view(plan) if host else plan.shape
             dtype = jax.dtypes.canonicalize_dtype(plan.dtype)
+            numbers = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), _leaf_numbers(plan, (tasks, *shape)))
             args = (jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((tasks, *shape), dtype),
-                    jax.ShapeDtypeStruct((), jnp.uint32), None)
+                    jax.ShapeDtypeStruct((), jnp.uint32), None, numbers)
             options = _kernel_options(plan, out_dtype, sharded=False)
             key = (shape, dtype, tuple(options.items()))
             if key not in by_kernel:

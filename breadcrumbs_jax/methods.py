@@ -3,12 +3,15 @@
     theta = P + delta,  delta = chain(steps)(tau_1..tau_T)
 
 Each factory below is a few lines composing `steps`; a new method is another chain.
+A method's `structure` is what decides its merge kernel's code; its `numbers` (hyperparameters as
+arrays, per leaf) are the kernel's arguments, so methods of one structure share their kernels.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -21,6 +24,7 @@ from .steps import (
     LeafContext,
     LeafState,
     MagnitudeBand,
+    NumberedStep,
     RandomDrop,
     Scale,
     Step,
@@ -35,17 +39,29 @@ class Method:
     name: str
     steps: tuple[Step, ...]
 
-    def __call__(self, tau, ctx: LeafContext = LeafContext()) -> LeafState:
+    def __call__(self, tau, ctx: LeafContext = LeafContext(), numbers: tuple | None = None) -> LeafState:
         """Run the chain on a [T, ...] task-vector stack, or on a function that computes it (then
-        selection passes recompute it from the inputs instead of storing it)."""
+        selection passes recompute it from the inputs instead of storing it). `numbers`: as
+        `self.numbers` gives them for this stack (possibly traced); None: those, as constants."""
         recompute = tau if callable(tau) else None
         tau = evaluate(tau)
+        if numbers is None:
+            numbers = self.numbers(tau.shape, ctx)
         state = LeafState(tau=tau, weights=jnp.ones((tau.shape[0],), jnp.float32), recompute=recompute)
-        for step in self.steps:
-            state = step(state, ctx)
+        for step, n in zip(self.steps, numbers, strict=True):
+            state = step.apply(state, ctx, n) if isinstance(step, NumberedStep) else step(state, ctx)
         if state.delta is None:
             raise MergeError(f"method {self.name!r} never combines the task axis (add a Combine step)")
         return state
+
+    def numbers(self, shape: tuple[int, ...], ctx: LeafContext = LeafContext()) -> tuple:
+        """Each step's hyperparameters as numpy arrays for a [T, ...] task-vector stack of `shape`
+        (`NumberedStep.numbers`; None for other steps): exact, computed on the host."""
+        return tuple(s.numbers(shape, ctx) if isinstance(s, NumberedStep) else None for s in self.steps)
+
+    def structure(self) -> Structure:
+        """This method without its numbers: equal for methods whose merge kernels have the same code."""
+        return Structure((self.name, tuple(map(_structure, self.steps))), self)
 
     @property
     def selector(self) -> MagnitudeBand | None:
@@ -77,6 +93,26 @@ class Method:
 
     def describe(self) -> str:
         return f"{self.name}({','.join(_describe(s) for s in self.steps)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+    """A method as a merge kernel's static argument: compared (and hashed, and keyed in the kernel
+    store) by `key` alone, its name and its steps less their numbers, so methods that differ only
+    in hyperparameters share one kernel, which takes `method.numbers(...)` as an argument.
+    `method` is one such method; its numbers are never read under this structure."""
+
+    key: tuple
+    method: Method = dataclasses.field(compare=False, repr=False)
+
+
+def _structure(step: Step) -> Any:
+    """A built-in step's type and fields less its `NUMBERS`; any other step is itself (all of it
+    decides the kernel, and the kernel store does not keep kernels of steps from elsewhere)."""
+    if not isinstance(step, NumberedStep) or not type(step).__module__.startswith(f"{__package__}."):
+        return step
+    fields = tuple((f.name, getattr(step, f.name)) for f in dataclasses.fields(step) if f.name not in step.NUMBERS)
+    return (type(step).__qualname__, fields)
 
 
 def _describe(step: Step) -> str:

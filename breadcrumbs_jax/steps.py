@@ -5,6 +5,11 @@ maps a `LeafState` to a new one: sparsifiers mask the per-task vectors, `Weight`
 them, `ElectSign` drops entries that disagree with the elected sign, a combiner reduces
 the task axis to one delta, and `Scale` multiplies it by alpha. Steps are frozen
 dataclasses, so a chain is hashable and is a static argument of the jitted leaf merge.
+
+Steps with hyperparameters are `NumberedStep`s: `numbers` turns the hyperparameters into arrays
+for a leaf of a given shape (exactly, on the host: a band's rank counts), and `apply` runs the step
+with them. A leaf's merge kernel takes those arrays as arguments, so one compiled kernel serves
+every setting of a sweep (`Method.structure`).
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import functools
 import math
 import zlib
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .band import Band, exact_fraction
@@ -74,6 +80,34 @@ def group_axes(ndim: int, granularity: str, out_axis: int | None) -> tuple[int, 
     return axes
 
 
+class NumberedStep:
+    """A step with hyperparameters (the dataclass fields named in `NUMBERS`) that reach its code only
+    through `numbers`: arrays computed on the host for a leaf, which `apply` takes as arguments."""
+
+    NUMBERS: ClassVar[tuple[str, ...]] = ()
+
+    def numbers(self, shape: tuple[int, ...], ctx: LeafContext) -> Any:
+        """The hyperparameters as numpy arrays for a [T, ...] task-vector stack of `shape`."""
+        raise NotImplementedError
+
+    def apply(self, state: LeafState, ctx: LeafContext, numbers: Any) -> LeafState:
+        """The step, with `numbers` as `self.numbers` gives them (or as traced arrays of them)."""
+        raise NotImplementedError
+
+    def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
+        return self.apply(state, ctx, self.numbers(state.tau.shape, ctx))
+
+
+def _per_task(values: Any, tasks: int, what: str) -> tuple:
+    """One value per task: a tuple as given (of length `tasks`), or a single value repeated."""
+    values = values if isinstance(values, tuple) else (values,) * tasks
+    if len(values) != tasks:
+        from .errors import MergeError
+
+        raise MergeError(f"{len(values)} per-task {what} given for {tasks} task vectors")
+    return values
+
+
 def _mask_stats(tau: jax.Array, keep: jax.Array, low: jax.Array, high: jax.Array) -> dict:
     mag = jnp.abs(tau)
     kept, dropped_low, dropped_high, min_kept, max_kept = reduce_groups(
@@ -92,11 +126,14 @@ def _band_masks(part: Part, lo: Threshold, hi: Threshold) -> tuple[jax.Array, ja
 
 
 @dataclasses.dataclass(frozen=True)
-class MagnitudeBand:
-    """Keep the entries of each group whose magnitude rank lies in the band (Breadcrumbs, TIES trim)."""
+class MagnitudeBand(NumberedStep):
+    """Keep the entries of each group whose magnitude rank lies in the band (Breadcrumbs, TIES trim).
+    Its numbers are each task's rank counts (`counts`); `global` granularity takes its thresholds
+    from the context and has none."""
 
     band: Band | tuple[Band, ...]  # one band for all tasks, or one per task
     granularity: Granularity = "tensor"
+    NUMBERS: ClassVar[tuple[str, ...]] = ("band",)
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -104,53 +141,53 @@ class MagnitudeBand:
 
             raise MergeError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
 
-    def _counts(self, tasks: int, n: int) -> list[tuple[int, int, int]]:
-        """(n_bot, n_keep, n_top) of each task's band in groups of n entries."""
-        if isinstance(self.band, Band):
-            return [self.band.counts(n)] * tasks
-        if len(self.band) != tasks:
-            from .errors import MergeError
+    def counts(self, tasks: int, n: int) -> np.ndarray:
+        """[T, 3] int32: (n_bot, n_keep, n_top) of each task's band in groups of n entries."""
+        return np.asarray([b.counts(n) for b in _per_task(self.band, tasks, "bands")], np.int32)
 
-            raise MergeError(f"{len(self.band)} per-task bands given for {tasks} task vectors")
-        return [b.counts(n) for b in self.band]
+    def numbers(self, shape: tuple[int, ...], ctx: LeafContext) -> np.ndarray | None:
+        if self.granularity == "global":
+            return None
+        axes = group_axes(len(shape), self.granularity, ctx.out_axis)
+        return self.counts(shape[0], math.prod(shape[a] for a in axes))
 
+    @staticmethod
     def thresholds(
-        self, parts: list[Part], n: int, sharded: bool | None = None, capacity: int | None = None
+        parts: list[Part], counts, sharded: bool | None = None, capacity: int | None = None
     ) -> tuple[Threshold, Threshold]:
-        search = functools.partial(rank_thresholds, sharded=sharded, capacity=capacity)
-        if isinstance(self.band, Band):
-            n_bot, n_keep, _ = self.band.counts(n)
-            return tuple(search(parts, [n_bot, n_bot + n_keep]))
-        tasks = parts[0].keys.shape[0]
-        counts = self._counts(tasks, n)
+        """The thresholds of ranks n_bot and n_bot + n_keep of each task (`counts`, [T, 3])."""
         # per-task ranks broadcast against the group shape: [T] for several parts, [T, 1, ...] for one
-        shape = (tasks,) + (1,) * (0 if len(parts) > 1 else parts[0].keys.ndim - 1)
-        lo = jnp.asarray([c[0] for c in counts], jnp.int32).reshape(shape)
-        hi = jnp.asarray([c[0] + c[1] for c in counts], jnp.int32).reshape(shape)
-        return tuple(search(parts, [lo, hi]))
+        shape = (-1,) + (1,) * (0 if len(parts) > 1 else parts[0].keys.ndim - 1)
+        lo = jnp.asarray(counts[:, 0], jnp.int32)
+        hi = lo + jnp.asarray(counts[:, 1], jnp.int32)
+        return tuple(rank_thresholds(parts, [lo.reshape(shape), hi.reshape(shape)], sharded=sharded, capacity=capacity))
 
-    def _select(self, tau: jax.Array | Callable[[], jax.Array], ctx: LeafContext) -> tuple[Part, Threshold, Threshold]:
+    def _select(
+        self, tau: jax.Array | Callable[[], jax.Array], ctx: LeafContext, counts
+    ) -> tuple[Part, Threshold, Threshold]:
         ndim = jnp.ndim(evaluate(tau))
         part = Part(tau, group_axes(ndim, self.granularity, ctx.out_axis))
         if self.granularity == "global":
             if ctx.thresholds is None:
                 raise ValueError("global granularity needs thresholds computed over all leaves")
             return part, *ctx.thresholds
-        return part, *self.thresholds([part], part.size, ctx.sharded, gather_capacity(part.size, ctx.mantissa))
+        return part, *self.thresholds([part], counts, ctx.sharded, gather_capacity(part.size, ctx.mantissa))
 
     def mask(
         self, tau: jax.Array | Callable[[], jax.Array], ctx: LeafContext = LeafContext()
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(keep, dropped_low, dropped_high) boolean masks of a [T, ...] task-vector stack, given as
         an array or as a function that computes it."""
-        return _band_masks(*self._select(tau, ctx))
+        counts = self.numbers(jnp.shape(evaluate(tau)), ctx)
+        return _band_masks(*self._select(tau, ctx, counts))
 
-    def _rank_stats(self, part: Part, lo: Threshold, hi: Threshold) -> dict:
+    @staticmethod
+    def _rank_stats(part: Part, lo: Threshold, hi: Threshold, counts) -> dict:
         """The report's statistics of a band of ranks (tensor or row groups): the counts follow from
         the ranks; the smallest kept |tau| is the lower threshold's value; the largest is the upper
         one's when an entry equal to it ranks below it, else the largest |tau| under it (one pass of
         two outputs, skipped when every group has such a tie, as runs of equal bf16 differences do)."""
-        counts = jnp.asarray(self._counts(hi.value.shape[0], part.size), jnp.int32)  # [T, 3]: bottom, kept, top
+        counts = jnp.asarray(counts, jnp.int32)  # [T, 3]: bottom, kept, top
         shape = tuple(d for a, d in enumerate(hi.value.shape) if a not in part.axes)  # [T, *groups] without group axes
         k_hi = (counts[:, 0] + counts[:, 1]).reshape((-1,) + (1,) * (len(shape) - 1))
         value = hi.value.reshape(shape)  # thresholds of tensor and row groups are group-shaped
@@ -171,24 +208,26 @@ class MagnitudeBand:
                 "min_kept": jnp.where(some, jnp.min(magnitude(lo.value.reshape(shape)), axis=rows), jnp.inf),
                 "max_kept": jnp.where(some, jnp.max(magnitude(top), axis=rows), -jnp.inf)}
 
-    def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
-        part, lo, hi = self._select(state.recompute or state.tau, ctx)
+    def apply(self, state: LeafState, ctx: LeafContext, counts) -> LeafState:
+        part, lo, hi = self._select(state.recompute or state.tau, ctx, counts)
         keep, low, high = _band_masks(part, lo, hi)
         if self.granularity == "global":  # the thresholds rank all leaves: count this one's share
             stats = _mask_stats(state.tau, keep, low, high)
         else:
-            stats = self._rank_stats(part, lo, hi)
+            stats = self._rank_stats(part, lo, hi, counts)
         return state.replace(tau=jnp.where(keep, state.tau, 0.0), stats={**state.stats, **stats})
 
 
 @dataclasses.dataclass(frozen=True)
-class RandomDrop:
+class RandomDrop(NumberedStep):
     """DARE: drop each entry with probability p, rescale survivors by 1/(1-p); seeded per leaf and task.
-    `p` is one probability for all tasks or a tuple of one per task."""
+    `p` is one probability for all tasks or a tuple of one per task. Its numbers are each task's
+    keep probability and rescale factor (float32)."""
 
     p: float | tuple[float, ...]
     seed: int = 0
     rescale: bool = True
+    NUMBERS: ClassVar[tuple[str, ...]] = ("p",)
 
     def __post_init__(self):
         for p in self.p if isinstance(self.p, tuple) else (self.p,):
@@ -197,18 +236,17 @@ class RandomDrop:
 
                 raise MergeError(f"DARE drop probability p must lie in [0, 1), got {p}")
 
-    def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
-        tau = state.tau
-        ps = self.p if isinstance(self.p, tuple) else (self.p,) * tau.shape[0]
-        if len(ps) != tau.shape[0]:
-            from .errors import MergeError
+    def numbers(self, shape: tuple[int, ...], ctx: LeafContext) -> tuple[np.ndarray, np.ndarray]:
+        ps = _per_task(self.p, shape[0], "drop probabilities")
+        keep_prob = np.asarray([1.0 - p for p in ps], np.float32)
+        return keep_prob, np.asarray([1.0 / (1.0 - p) if self.rescale else 1.0 for p in ps], np.float32)
 
-            raise MergeError(f"{len(ps)} per-task drop probabilities given for {tau.shape[0]} task vectors")
+    def apply(self, state: LeafState, ctx: LeafContext, numbers) -> LeafState:
+        tau = state.tau
+        keep_prob, scale = numbers
         key = jax.random.fold_in(jax.random.key(self.seed), ctx.path_hash)
         keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(tau.shape[0]))
-        keep_prob = jnp.asarray([1.0 - p for p in ps], jnp.float32)
         keep = jax.vmap(lambda k, q: jax.random.bernoulli(k, q, tau.shape[1:]))(keys, keep_prob)
-        scale = jnp.asarray([1.0 / (1.0 - p) if self.rescale else 1.0 for p in ps], jnp.float32)
         none = jnp.zeros_like(keep)
         stats = _mask_stats(tau, keep, ~keep, none)
         return state.replace(
@@ -217,18 +255,21 @@ class RandomDrop:
 
 
 @dataclasses.dataclass(frozen=True)
-class Weight:
+class Weight(NumberedStep):
     """Multiply task t's vector by w_t."""
 
     weights: tuple[float, ...]
+    NUMBERS: ClassVar[tuple[str, ...]] = ("weights",)
 
-    def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
-        w = jnp.asarray(self.weights, jnp.float32)
-        if w.shape[0] != state.tau.shape[0]:
+    def numbers(self, shape: tuple[int, ...], ctx: LeafContext) -> np.ndarray:
+        if len(self.weights) != shape[0]:
             from .errors import MergeError
 
-            raise MergeError(f"{w.shape[0]} weights given for {state.tau.shape[0]} task vectors")
-        return state.replace(tau=state.tau * _expand_task(w, state.tau.ndim), weights=w)
+            raise MergeError(f"{len(self.weights)} weights given for {shape[0]} task vectors")
+        return np.asarray(self.weights, np.float32)
+
+    def apply(self, state: LeafState, ctx: LeafContext, w) -> LeafState:
+        return state.replace(tau=state.tau * _expand_task(w, state.tau.ndim), weights=jnp.asarray(w, jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,13 +305,17 @@ class Combine:
 
 
 @dataclasses.dataclass(frozen=True)
-class Scale:
+class Scale(NumberedStep):
     """Multiply the combined delta by alpha."""
 
     alpha: float
+    NUMBERS: ClassVar[tuple[str, ...]] = ("alpha",)
 
-    def __call__(self, state: LeafState, ctx: LeafContext) -> LeafState:
-        return state.replace(delta=state.delta * jnp.float32(self.alpha))
+    def numbers(self, shape: tuple[int, ...], ctx: LeafContext) -> np.ndarray:
+        return np.float32(self.alpha)
+
+    def apply(self, state: LeafState, ctx: LeafContext, alpha) -> LeafState:
+        return state.replace(delta=state.delta * alpha)
 
 
 def _expand_task(w: jax.Array, ndim: int) -> jax.Array:

@@ -12,7 +12,7 @@ import pytest
 
 import breadcrumbs_jax as bj
 from breadcrumbs_jax import kernel_store
-from breadcrumbs_jax.steps import Scale
+from breadcrumbs_jax.steps import LeafContext, Scale
 
 merge_module = importlib.import_module("breadcrumbs_jax.merge")
 METHOD = bj.breadcrumbs(0.8, density=0.3, gamma_top=0.05, weights=(1.0, 0.6))
@@ -87,6 +87,28 @@ def test_a_kernel_compiled_for_the_store_is_a_module_named_by_its_key(store):
         names.add(f"stored_kernel_{key[:16]}")
         assert f"stored_kernel_{key[:16]}" in text
     assert len(names) == 2
+
+
+def numbers(method, shape=(24, 6)):
+    return method.numbers((2, *shape), LeafContext())
+
+
+def test_settings_of_a_method_share_a_stored_kernel(store):
+    """A kernel of a method's structure is stored once for every setting of its numbers: another
+    setting loads it without tracing, and its numbers, given as arguments, decide the result."""
+    other = bj.breadcrumbs(1.2, beta=0.5, gamma=(0.9, 1), weights=(0.5, 2.0))
+    specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), numbers(METHOD))
+    args = (*signature(), specs)
+    assert kernel_store._key(args, options(METHOD.structure())) == kernel_store._key(args, options(other.structure()))
+    assert kernel_store._key(args, options(METHOD.structure())) != kernel_store._key(args[:4], options(METHOD))
+    kernel_store.compile_kernel(merge_module._merge_kernel, args, options(METHOD.structure()))
+    loaded = kernel_store.compile_kernel(Untraceable(), args, options(other.structure()))
+    assert len(list(store.glob("*.executable"))) == 1
+    for method in (METHOD, other):
+        got = loaded(*inputs(), numbers(method))
+        want = merge_module._merge_kernel(*inputs(), numbers(method), **options(method.structure()))
+        assert all(np.array_equal(np.asarray(g), np.asarray(w)) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    assert not np.array_equal(np.asarray(loaded(*inputs(), numbers(METHOD))[0]), np.asarray(got[0]))
 
 
 def test_key_is_the_same_in_another_process():

@@ -227,3 +227,87 @@ def test_host_leaves_merge_as_their_kernel_view(method):
         np.testing.assert_array_equal(got, want, err_msg=k)
     assert host.report == device.report
     assert compiled == 2  # [24, 40] and [40, 24] merge as [40, 24], [2, 24, 20] as [48, 20]
+
+
+SETTINGS = [  # pairs of settings of one structure: hyperparameters differ, nothing else
+    (bj.breadcrumbs(0.7, density=0.2, gamma_top=0.05), bj.breadcrumbs(1.3, beta=0.5, gamma=0.99)),
+    (bj.breadcrumbs(1.0, beta=(0.8, 0.5, 0.9), gamma=0.995, weights=WEIGHTS),
+     bj.breadcrumbs(0.4, beta=0.1, gamma=(0.3, 1, 0.6), weights=(1, 1, 1))),
+    (bj.ties(1.0, density=0.3, weights=(1, 1, 1)), bj.ties(0.6, density=(0.1, 0.5, 0.9), weights=WEIGHTS)),
+    (bj.dare(1.0, p=0.5, seed=3), bj.dare(0.5, p=(0.1, 0.0, 0.9), seed=3)),
+    (bj.breadcrumbs_ties(1.0, granularity="row"), bj.breadcrumbs_ties(2.0, density=0.5, gamma_top=0, granularity="row")),
+    (bj.linear(weights=(3, 2, 1)), bj.linear(weights=WEIGHTS)),
+    (bj.task_arithmetic(0.3), bj.task_arithmetic(1.7)),
+]
+
+
+@pytest.mark.parametrize("first, second", SETTINGS, ids=[a.name for a, _ in SETTINGS])
+def test_settings_of_a_method_share_a_kernel(first, second):
+    """A leaf's kernel takes the method's numbers as arguments: two settings of one structure run one
+    compiled kernel, and each gets the bits of a kernel compiled for it alone; the report's
+    statistics are those of a kernel with its numbers compiled in, and the merged leaf too, up to
+    the rounding of one multiply-add (XLA:CPU fuses `base + delta * alpha` into an FMA when alpha is
+    an argument, not when it is a constant)."""
+    import jax
+    import jax.numpy as jnp
+
+    from breadcrumbs_jax.merge import _merge_kernel
+    from breadcrumbs_jax.steps import LeafContext
+
+    rng = np.random.default_rng(12)
+    base = rng.standard_normal((40, 24), dtype=np.float32).astype(ml_dtypes.bfloat16)
+    stack = (base.astype(np.float32) + rng.standard_normal((T, 40, 24), dtype=np.float32) * 0.1).astype(ml_dtypes.bfloat16)
+    static = dict(out_axis=0, out_dtype=np.dtype(np.float32))
+    args = (base, stack, jnp.uint32(9), None)
+
+    def run(method, structure):
+        return _merge_kernel(*args, method.numbers(stack.shape, LeafContext(out_axis=0)), method=structure, **static)
+
+    assert first.structure() == second.structure()
+    jax.clear_caches()
+    shared = [run(m, first.structure()) for m in (first, second)]
+    assert _merge_kernel._cache_size() == 1
+    for method, (merged, stats, finite) in zip((first, second), shared):
+        jax.clear_caches()
+        own = run(method, method.structure())
+        for g, w in zip(jax.tree.leaves((merged, stats, finite)), jax.tree.leaves(own), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=method.describe())
+        want_merged, want_stats, _ = _merge_kernel(*args, method=method, **static)  # its numbers compiled in
+        for g, w in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=method.describe())
+        b, want_merged = base.astype(np.float32), np.asarray(want_merged)
+        rounding = np.spacing(np.abs(b) + np.abs(want_merged - b))  # of the larger term of the sum
+        np.testing.assert_array_less(np.abs(np.asarray(merged) - want_merged), rounding * 1.001, err_msg=method.describe())
+    with pytest.raises(TypeError, match="numbers"):
+        _merge_kernel(*args, method=first.structure(), **static)
+
+
+def test_structure_holds_what_decides_the_kernel():
+    """Structures compare equal when only numbers differ, and differ in anything else: the method's
+    name, granularity, a combine's kind, DARE's seed, or a step that is not built in."""
+    from breadcrumbs_jax.methods import Structure
+    from breadcrumbs_jax.steps import Scale
+
+    base = bj.breadcrumbs(0.7, density=0.2, gamma_top=0.05)
+    assert base.structure() == bj.breadcrumbs(0.1, beta=(0.2, 0.3), gamma=1).structure()
+    assert hash(base.structure()) == hash(bj.breadcrumbs(0.1, beta=0.2, gamma=1).structure())
+    others = [
+        bj.breadcrumbs(0.7, density=0.2, gamma_top=0.05, granularity="row"),
+        bj.breadcrumbs(0.7, density=0.2, gamma_top=0.05, weights=(1, 1)),  # a Weight step more
+        bj.breadcrumbs_ties(0.7, density=0.2, gamma_top=0.05),
+        bj.breadcrumbs_ties(0.7, density=0.2, gamma_top=0.05, normalize=False),
+        bj.chain("breadcrumbs", *base.steps[:-1], Scale(0.7)),  # same steps: equal
+        bj.dare(p=0.1, seed=1),
+        bj.dare(p=0.1, seed=2),
+        bj.linear(), bj.linear(weights=(1, 1)),  # a Weight step more
+    ]
+    structures = [m.structure() for m in others]
+    assert structures[4] == base.structure()
+    distinct = {base.structure(), *structures}
+    assert len(distinct) == len(others)  # all but the equal one differ
+
+    class Halve(Scale):  # a step from elsewhere is all structure: its alpha may be read in its code
+        pass
+
+    a, b = (bj.chain("x", bj.Combine("sum"), Halve(x)).structure() for x in (0.5, 0.6))
+    assert a != b and isinstance(a, Structure) and a.method.steps[1] == Halve(0.5)
