@@ -7,10 +7,10 @@ run first traces and lowers every kernel and hashes the module (0.35 to 0.45 s p
 itself, under a key of everything that decides it: this package's source, the jax and jaxlib
 versions, the backend, its version and device kind (on CPU, the host's instruction-set flags,
 which XLA compiles for), the compiler options, x64, the kernel's static arguments (a dataclass by
-the fields its equality compares) and its argument tree, shapes and dtypes. A hit is loaded without tracing, lowering or compiling anything (0.05 to 0.4 s).
-A miss is compiled under a name made of the key, so JAX's persistent cache gives it only where it
-was stored before (and the entry since lost); such an executable is not stored again: serialized
-again, it would lack its code.
+the fields its equality compares) and its argument tree, shapes and dtypes. A hit is loaded
+without tracing, lowering or compiling anything (0.05 to 0.4 s). A miss is compiled under a name
+made of the key, so JAX's persistent cache gives it only where it was stored before (and the entry
+since lost); such an executable is not stored again: serialized again, it would lack its code.
 
 Static arguments must be built of this package's dataclasses (every built-in merge step), exact
 scalars, strings and dtypes; a kernel with anything else (a user-defined step), or one whose
