@@ -123,11 +123,12 @@ def _merge_kernel(
     return merged, state.stats, _finite(base, stacked)
 
 
-@functools.partial(kernel_store.jit, static_argnames=("selector", "sharded"))
-def _global_kernel(bases, finetuned, *, selector: MagnitudeBand, sharded: bool):
+@functools.partial(kernel_store.jit, static_argnames=("sharded",))
+def _global_kernel(bases, finetuned, counts, *, sharded: bool):
+    """The thresholds of each task's `counts` ([T, 3], `MagnitudeBand.counts`) over all the leaves."""
     taus = [_stack_tau(b, f) for b, f in zip(bases, finetuned)]  # stacks [T, ...] per leaf
     parts = [Part(t, tuple(range(1, t.ndim))) for t in taus]
-    return selector.thresholds(parts, selector.counts(len(finetuned[0]), sum(p.size for p in parts)), sharded)
+    return MagnitudeBand.thresholds(parts, counts, sharded)
 
 
 def spans_devices(*arrays) -> bool:
@@ -154,7 +155,8 @@ def global_thresholds(plans: Sequence[LeafPlan], load: Loader) -> dict[str, tupl
     for selector, members in groups.items():
         loaded = [load(p) for p in members]
         bases, stacks = [b for b, _ in loaded], [stack_models(f) for _, f in loaded]
-        lo, hi = _global_kernel(bases, stacks, selector=selector, sharded=spans_devices(*bases, *stacks))
+        counts = selector.counts(len(stacks[0]), sum(math.prod(p.shape) for p in members))
+        lo, hi = _global_kernel(bases, stacks, counts, sharded=spans_devices(*bases, *stacks))
         for i, p in enumerate(members):
             out[p.path] = (Threshold(lo.value, (lo.index[i],)), Threshold(hi.value, (hi.index[i],)))
     return out

@@ -107,12 +107,13 @@ class Structure:
 
 
 def _structure(step: Step) -> Any:
-    """A built-in step's type and fields less its `NUMBERS`; any other step is itself (all of it
-    decides the kernel, and the kernel store does not keep kernels of steps from elsewhere)."""
-    if not isinstance(step, NumberedStep) or not type(step).__module__.startswith(f"{__package__}."):
+    """A `NumberedStep`'s type and fields less its `NUMBERS`; any other step is itself (all of it
+    decides the kernel). A built-in type goes by its name; a type from elsewhere goes as itself,
+    which has no form in the kernel store's keys: the store keeps no kernels of steps it cannot read."""
+    if not isinstance(step, NumberedStep):
         return step
-    fields = tuple((f.name, getattr(step, f.name)) for f in dataclasses.fields(step) if f.name not in step.NUMBERS)
-    return (type(step).__qualname__, fields)
+    kind = type(step).__qualname__ if type(step).__module__.startswith(f"{__package__}.") else type(step)
+    return (kind, tuple((f.name, getattr(step, f.name)) for f in dataclasses.fields(step) if f.name not in step.NUMBERS))
 
 
 def _describe(step: Step) -> str:

@@ -130,10 +130,13 @@ class Halve(Scale):
 def test_kernels_with_steps_from_elsewhere_are_not_stored(store):
     method = dataclasses.replace(METHOD, steps=(*METHOD.steps[:-1], Halve(0.5)))
     assert kernel_store._key(signature(), options(method)) is None
+    assert kernel_store._key(signature(), options(method.structure())) is None
     kernel = kernel_store.compile_kernel(merge_module._merge_kernel, signature(), options(method))
     assert not store.exists()
     want = merge_module._merge_kernel(*inputs(), **options(method))
     assert np.array_equal(np.asarray(kernel(*inputs())[0]), np.asarray(want[0]))
+    shared = merge_module._merge_kernel(*inputs(), numbers(method), **options(method.structure()))
+    assert np.array_equal(np.asarray(shared[0]), np.asarray(want[0]))  # alpha 0.5: no FMA rounding
 
 
 def test_a_damaged_entry_is_compiled_again_and_replaced(store, caplog):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -284,7 +286,8 @@ def test_settings_of_a_method_share_a_kernel(first, second):
 
 def test_structure_holds_what_decides_the_kernel():
     """Structures compare equal when only numbers differ, and differ in anything else: the method's
-    name, granularity, a combine's kind, DARE's seed, or a step that is not built in."""
+    name, its steps, granularity, a combine's kind, DARE's seed, or a step's type (a numbered step
+    defined elsewhere shares kernels across its numbers too)."""
     from breadcrumbs_jax.methods import Structure
     from breadcrumbs_jax.steps import Scale
 
@@ -306,8 +309,13 @@ def test_structure_holds_what_decides_the_kernel():
     distinct = {base.structure(), *structures}
     assert len(distinct) == len(others)  # all but the equal one differ
 
-    class Halve(Scale):  # a step from elsewhere is all structure: its alpha may be read in its code
+    @dataclasses.dataclass(frozen=True)
+    class Halve(Scale):  # a numbered step from elsewhere shares kernels too
         pass
 
-    a, b = (bj.chain("x", bj.Combine("sum"), Halve(x)).structure() for x in (0.5, 0.6))
-    assert a != b and isinstance(a, Structure) and a.method.steps[1] == Halve(0.5)
+    def sum_then(step):
+        return bj.chain("x", bj.Combine("sum"), step).structure()
+
+    a, b = sum_then(Halve(0.5)), sum_then(Halve(0.6))
+    assert a == b and isinstance(a, Structure) and a.method.steps[1] == Halve(0.5)
+    assert a != sum_then(Scale(0.5))

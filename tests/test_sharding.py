@@ -184,11 +184,13 @@ def test_sharded_program_never_gathers_a_leaf(name, spec):
     b, f = put(base), stack_models([put(x) for x in fts])
     assert spans_devices(b, f)  # so merge_leaf compiles the sharded program, as here
     if method.granularity == "global":
-        compiled = _global_kernel.lower([b], [f], selector=method.selector, sharded=True).compile()
+        counts = method.selector.counts(T, math.prod(shape))
+        compiled = _global_kernel.lower([b], [f], counts, sharded=True).compile()
     else:
+        numbers = method.numbers(f.shape, LeafContext(out_axis=plan.out_axis))
         compiled = _merge_kernel.lower(
-            b, f, jnp.uint32(path_hash("w")), None, method=method, out_axis=plan.out_axis, out_dtype=np.dtype("float32"),
-            sharded=True,
+            b, f, jnp.uint32(path_hash("w")), None, numbers, method=method.structure(), out_axis=plan.out_axis,
+            out_dtype=np.dtype("float32"), sharded=True,
         ).compile()
     ops = collectives(compiled.as_text())
     assert [op for op, _ in ops if op != "all-reduce"] == []
