@@ -232,7 +232,6 @@ def test_host_leaves_merge_as_their_kernel_view(method):
 
 
 SETTINGS = [  # pairs of settings of one structure: hyperparameters differ, nothing else
-    (bj.breadcrumbs(0.7, density=0.2, gamma_top=0.05), bj.breadcrumbs(1.3, beta=0.5, gamma=0.99)),
     (bj.breadcrumbs(1.0, beta=(0.8, 0.5, 0.9), gamma=0.995, weights=WEIGHTS),
      bj.breadcrumbs(0.4, beta=0.1, gamma=(0.3, 1, 0.6), weights=(1, 1, 1))),
     (bj.ties(1.0, density=0.3, weights=(1, 1, 1)), bj.ties(0.6, density=(0.1, 0.5, 0.9), weights=WEIGHTS)),
@@ -243,45 +242,66 @@ SETTINGS = [  # pairs of settings of one structure: hyperparameters differ, noth
 ]
 
 
-@pytest.mark.parametrize("first, second", SETTINGS, ids=[a.name for a, _ in SETTINGS])
-def test_settings_of_a_method_share_a_kernel(first, second):
-    """A leaf's kernel takes the method's numbers as arguments: two settings of one structure run one
-    compiled kernel, and each gets the bits of a kernel compiled for it alone; the report's
-    statistics are those of a kernel with its numbers compiled in, and the merged leaf too, up to
-    the rounding of one multiply-add (XLA:CPU fuses `base + delta * alpha` into an FMA when alpha is
-    an argument, not when it is a constant)."""
-    import jax
+def _leaf(seed=12):
+    """A bfloat16 leaf and its [T, ...] stack, with the kernel's other arguments."""
     import jax.numpy as jnp
 
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((40, 24), dtype=np.float32).astype(ml_dtypes.bfloat16)
+    stack = (base.astype(np.float32) + rng.standard_normal((T, 40, 24), dtype=np.float32) * 0.1).astype(ml_dtypes.bfloat16)
+    return base, stack, jnp.uint32(9), None
+
+
+def _run(method, structure, leaf):
+    """The leaf merged by the kernel of `structure`, with `method`'s numbers as arguments."""
     from breadcrumbs_jax.merge import _merge_kernel
     from breadcrumbs_jax.steps import LeafContext
 
-    rng = np.random.default_rng(12)
-    base = rng.standard_normal((40, 24), dtype=np.float32).astype(ml_dtypes.bfloat16)
-    stack = (base.astype(np.float32) + rng.standard_normal((T, 40, 24), dtype=np.float32) * 0.1).astype(ml_dtypes.bfloat16)
-    static = dict(out_axis=0, out_dtype=np.dtype(np.float32))
-    args = (base, stack, jnp.uint32(9), None)
+    numbers = method.numbers(leaf[1].shape, LeafContext(out_axis=0))
+    return _merge_kernel(*leaf, numbers, method=structure, out_axis=0, out_dtype=np.dtype(np.float32))
 
-    def run(method, structure):
-        return _merge_kernel(*args, method.numbers(stack.shape, LeafContext(out_axis=0)), method=structure, **static)
 
+@pytest.mark.parametrize("first, second", SETTINGS, ids=[a.name for a, _ in SETTINGS])
+def test_settings_of_a_method_share_a_kernel(first, second):
+    """A leaf's kernel takes the method's numbers as arguments: two settings of one structure run one
+    compiled kernel, and the second gets the bits of a kernel compiled for it alone (nothing of the
+    first setting's numbers is compiled in). Every merge runs these kernels: the reference tests
+    above check their results."""
+    import jax
+
+    from breadcrumbs_jax.merge import _merge_kernel
+
+    leaf = _leaf()
     assert first.structure() == second.structure()
     jax.clear_caches()
-    shared = [run(m, first.structure()) for m in (first, second)]
+    shared = [_run(m, first.structure(), leaf) for m in (first, second)]
     assert _merge_kernel._cache_size() == 1
-    for method, (merged, stats, finite) in zip((first, second), shared):
-        jax.clear_caches()
-        own = run(method, method.structure())
-        for g, w in zip(jax.tree.leaves((merged, stats, finite)), jax.tree.leaves(own), strict=True):
-            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=method.describe())
-        want_merged, want_stats, _ = _merge_kernel(*args, method=method, **static)  # its numbers compiled in
-        for g, w in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats), strict=True):
-            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=method.describe())
-        b, want_merged = base.astype(np.float32), np.asarray(want_merged)
-        rounding = np.spacing(np.abs(b) + np.abs(want_merged - b))  # of the larger term of the sum
-        np.testing.assert_array_less(np.abs(np.asarray(merged) - want_merged), rounding * 1.001, err_msg=method.describe())
+    jax.clear_caches()
+    own = _run(second, second.structure(), leaf)
+    for g, w in zip(jax.tree.leaves(shared[1]), jax.tree.leaves(own), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=second.describe())
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(shared[0]), jax.tree.leaves(shared[1])))
+
+
+def test_numbers_as_arguments_change_only_the_rounding_of_alpha():
+    """Against a kernel with the numbers compiled in: the same report statistics and finite flags,
+    and the merged leaf up to the rounding of one multiply-add (XLA:CPU fuses `base + delta * alpha`
+    into an FMA when alpha is an argument, not when it is a constant)."""
+    import jax
+
+    from breadcrumbs_jax.merge import _merge_kernel
+
+    leaf = _leaf()
+    method = bj.ties(0.6, density=(0.1, 0.5, 0.9), weights=WEIGHTS)
+    merged, stats, finite = _run(method, method.structure(), leaf)
+    want_merged, want_stats, want_finite = _merge_kernel(*leaf, method=method, out_axis=0, out_dtype=np.dtype(np.float32))
+    for g, w in zip(jax.tree.leaves((stats, finite)), jax.tree.leaves((want_stats, want_finite)), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    b, want_merged = leaf[0].astype(np.float32), np.asarray(want_merged)
+    rounding = np.spacing(np.abs(b) + np.abs(want_merged - b))  # of the larger term of the sum
+    np.testing.assert_array_less(np.abs(np.asarray(merged) - want_merged), rounding * 1.001)
     with pytest.raises(TypeError, match="numbers"):
-        _merge_kernel(*args, method=first.structure(), **static)
+        _merge_kernel(*leaf, method=method.structure(), out_axis=0, out_dtype=np.dtype(np.float32))
 
 
 def test_structure_holds_what_decides_the_kernel():

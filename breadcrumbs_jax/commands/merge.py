@@ -59,9 +59,9 @@ def register(subparsers) -> None:
 
 
 def compilation_cache() -> None:
-    """Keep compiled merge kernels (one per leaf view, dtype and method) across runs, in the kernel
-    store (its `kernels` subfolder), and every jitted function in JAX's persistent cache: in the
-    folder $BREADCRUMBS_JAX_CACHE names, by default (on one device: jax 0.10.2 crashed writing
+    """Keep compiled merge kernels (one per leaf view, dtype and method structure) across runs, in
+    the kernel store (its `kernels` subfolder), and every jitted function in JAX's persistent cache:
+    in the folder $BREADCRUMBS_JAX_CACHE names, by default (on one device: jax 0.10.2 crashed writing
     to it from a process with 8 simulated CPU devices) $XDG_CACHE_HOME/breadcrumbs_jax or
     ~/.cache/breadcrumbs_jax; none if it is `off`. A cache the user configured for JAX is kept
     (and no kernel store is used)."""
