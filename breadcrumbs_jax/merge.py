@@ -27,7 +27,7 @@ from .methods import Method, Structure
 from .paths import flatten
 from .plan import LeafPlan, LeafRule, Layout, format_plan, plan_tree
 from .report import LeafReport, MergeReport, leaf_report
-from .selection import Part, Threshold, rank_thresholds, reduce_groups
+from .selection import Part, Threshold, reduce_groups
 from .steps import LeafContext, MagnitudeBand, path_hash
 from .task_vectors import difference
 

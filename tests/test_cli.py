@@ -96,7 +96,7 @@ def test_inspect_reads_metadata_only(tmp_path, ckpts, capsys):
 def _bad(tmp_path, d, case):
     """Write the bad input of `case`; return the model list of the config."""
     models = ["ft0.safetensors", "ft1.msgpack", "ft2"]
-    base, fts = io.load(d / "base"), [io.load(d / m) for m in models]
+    fts = [io.load(d / m) for m in models]
     if case == "missing file":
         return [*models[:2], str(tmp_path / "nowhere")]
     if case == "truncated safetensors":
