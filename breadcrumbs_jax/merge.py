@@ -155,7 +155,7 @@ def global_thresholds(plans: Sequence[LeafPlan], load: Loader) -> dict[str, tupl
     for selector, members in groups.items():
         loaded = [load(p) for p in members]
         bases, stacks = [b for b, _ in loaded], [stack_models(f) for _, f in loaded]
-        counts = selector.counts(len(stacks[0]), sum(math.prod(p.shape) for p in members))
+        counts = selector.counts(len(stacks[0]), sum(p.size for p in members))
         lo, hi = _global_kernel(bases, stacks, counts, sharded=spans_devices(*bases, *stacks))
         for i, p in enumerate(members):
             out[p.path] = (Threshold(lo.value, (lo.index[i],)), Threshold(hi.value, (hi.index[i],)))

@@ -99,12 +99,13 @@ class NumberedStep:
 
 
 def _per_task(values: Any, tasks: int, what: str) -> tuple:
-    """One value per task: a tuple as given (of length `tasks`), or a single value repeated."""
+    """One value per task: a tuple as given (of length `tasks`, else an error naming `what`), or a
+    single value repeated."""
     values = values if isinstance(values, tuple) else (values,) * tasks
     if len(values) != tasks:
         from .errors import MergeError
 
-        raise MergeError(f"{len(values)} per-task {what} given for {tasks} task vectors")
+        raise MergeError(f"{len(values)} {what} given for {tasks} task vectors")
     return values
 
 
@@ -143,7 +144,7 @@ class MagnitudeBand(NumberedStep):
 
     def counts(self, tasks: int, n: int) -> np.ndarray:
         """[T, 3] int32: (n_bot, n_keep, n_top) of each task's band in groups of n entries."""
-        return np.asarray([b.counts(n) for b in _per_task(self.band, tasks, "bands")], np.int32)
+        return np.asarray([b.counts(n) for b in _per_task(self.band, tasks, "per-task bands")], np.int32)
 
     def numbers(self, shape: tuple[int, ...], ctx: LeafContext) -> np.ndarray | None:
         if self.granularity == "global":
@@ -237,7 +238,7 @@ class RandomDrop(NumberedStep):
                 raise MergeError(f"DARE drop probability p must lie in [0, 1), got {p}")
 
     def numbers(self, shape: tuple[int, ...], ctx: LeafContext) -> tuple[np.ndarray, np.ndarray]:
-        ps = _per_task(self.p, shape[0], "drop probabilities")
+        ps = _per_task(self.p, shape[0], "per-task drop probabilities")
         keep_prob = np.asarray([1.0 - p for p in ps], np.float32)
         return keep_prob, np.asarray([1.0 / (1.0 - p) if self.rescale else 1.0 for p in ps], np.float32)
 
@@ -262,11 +263,7 @@ class Weight(NumberedStep):
     NUMBERS: ClassVar[tuple[str, ...]] = ("weights",)
 
     def numbers(self, shape: tuple[int, ...], ctx: LeafContext) -> np.ndarray:
-        if len(self.weights) != shape[0]:
-            from .errors import MergeError
-
-            raise MergeError(f"{len(self.weights)} weights given for {shape[0]} task vectors")
-        return np.asarray(self.weights, np.float32)
+        return np.asarray(_per_task(self.weights, shape[0], "weights"), np.float32)
 
     def apply(self, state: LeafState, ctx: LeafContext, w) -> LeafState:
         return state.replace(tau=state.tau * _expand_task(w, state.tau.ndim), weights=jnp.asarray(w, jnp.float32))
