@@ -263,6 +263,7 @@ def merge_leaves(
     out_dtype=None,
     progress: bool = False,
     compile_ahead: Literal["host", "device"] | None = None,
+    ready_first: bool = False,
 ) -> Iterator[tuple[LeafPlan, jax.Array, LeafReport]]:
     """Merge leaf after leaf: `load(plan)` gives (pre-trained leaf, fine-tuned leaves as a
     sequence or a [T, ...] stack); yields (plan, merged leaf, report).
@@ -275,15 +276,17 @@ def merge_leaves(
     `compile_ahead`: what the loads are, 'host' (numpy) or 'device' (uncommitted arrays on the
     default device, as `jax.device_put` leaves them); another background thread then compiles
     their kernels, each distinct one once and in order of first use, while earlier leaves load
-    and merge."""
+    and merge. With `ready_first`, the next leaf is the first in `plans` whose kernel is ready,
+    and the loop waits only when none is: leaves are then yielded out of order (not for merges
+    whose processes must agree on the order of their collectives)."""
     thresholds = global_thresholds(plans, load)
-    it = plans
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(plans, desc="merging", unit="leaf")
     warm = [p for p in plans if p.action == "merge" and p.path not in thresholds] if compile_ahead else []
     with _compiled_ahead(warm, len(names), out_dtype, host=compile_ahead == "host") as compiled:
+        it = _ready_first(plans, compiled) if ready_first else plans
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="merging", unit="leaf", total=len(plans))
         started = None
         for plan in it:
             base, finetuned = load(plan)
@@ -297,6 +300,19 @@ def merge_leaves(
             started = following
         if started is not None:
             yield started.plan, *_finish(started)
+
+
+def _ready_first(plans: Sequence[LeafPlan], compiled: dict[str, futures.Future]) -> Iterator[LeafPlan]:
+    """`plans`, each next one the first left whose kernel is ready (or needs none); waits for a
+    kernel only when none is."""
+    left = list(plans)
+    while left:
+        ready = next((p for p in left if p.path not in compiled or compiled[p.path].done()), None)
+        if ready is None:
+            futures.wait({compiled[p.path] for p in left}, return_when=futures.FIRST_COMPLETED)
+            continue
+        left.remove(ready)
+        yield ready
 
 
 @contextlib.contextmanager

@@ -258,7 +258,8 @@ def _run(sp: StreamPlan, base: LeafSource, models: Sequence[LeafSource], sink, o
     reports = []
     try:
         kind = "host" if on_host else "device"
-        leaves = merge_leaves(plans, load, names=sp.names, out_dtype=out_dtype, compile_ahead=kind)
+        leaves = merge_leaves(plans, load, names=sp.names, out_dtype=out_dtype, compile_ahead=kind,
+                              ready_first=not sink.in_order)
         for k, (plan, merged, report) in enumerate(leaves):
             array = np.asarray(merged)
             del merged

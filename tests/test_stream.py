@@ -1,4 +1,5 @@
 import dataclasses
+import importlib
 import json
 import threading
 
@@ -11,7 +12,7 @@ from breadcrumbs_jax import MergeError, io, kernel_store
 from breadcrumbs_jax.merge import merge_leaves
 from breadcrumbs_jax.stream import dry_run_checkpoints, merge_checkpoints
 
-from tests.ckpt_factory import HF_SHAPES, models, same_bits
+from tests.ckpt_factory import HF_SHAPES, models, pretrained, same_bits
 
 FORMATS = {"orbax": "", "safetensors": ".safetensors", "msgpack": ".msgpack"}
 BC = bj.breadcrumbs(0.7, beta=0.6, gamma=0.95)  # one method for most tests: its kernels compile once
@@ -140,6 +141,67 @@ def test_kernels_compile_ahead_in_a_background_thread_once_each(monkeypatch, cap
     b = (40, 11) if kind == "host" else (11, 40)
     assert lowered == [((37, 5), "breadcrumbs-lower_0"), (b, "breadcrumbs-lower_0")]  # 'd' is copied
     assert compiled == ["breadcrumbs-compile_0"] * 2
+
+
+def test_ready_first_merges_leaves_of_compiled_kernels_before_one_that_compiles(monkeypatch):
+    """With `ready_first`, a leaf whose kernel is still compiling waits while later leaves of a
+    compiled kernel merge (here 'b''s kernel is lowered only once 'c' has started); the bits are
+    those of `bj.merge`. Without it, leaves start in order."""
+    merge_module = importlib.import_module("breadcrumbs_jax.merge")
+    rng = np.random.default_rng(9)
+    tree = {"a": rng.standard_normal((37, 5), dtype=np.float32), "b": rng.standard_normal((11, 40), dtype=np.float32),
+            "c": rng.standard_normal((37, 5), dtype=np.float32)}
+    fts = [{k: v + rng.standard_normal(v.shape, dtype=np.float32) for k, v in tree.items()} for _ in range(2)]
+    method = dataclasses.replace(BC, name="ready-first")  # kernels no other test compiled
+
+    def load(plan):
+        return tree[plan.path], np.stack([f[plan.path] for f in fts])
+
+    started, c_started = [], threading.Event()
+    start, lower_kernel = merge_module._start, kernel_store.lower_kernel
+
+    def record(plan, *args):
+        started.append(plan.path)
+        if plan.path == "c":
+            c_started.set()
+        return start(plan, *args)
+
+    def lower_after_c(kernel, args, options):
+        if args[0].shape == (40, 11):  # b's kernel
+            assert c_started.wait(timeout=120)
+        return lower_kernel(kernel, args, options)
+
+    monkeypatch.setattr(merge_module, "_start", record)
+    monkeypatch.setattr(kernel_store, "lower_kernel", lower_after_c)
+    plans = bj.plan_for(tree, method)
+    merged = {p.path: m for p, m, _ in merge_leaves(plans, load, names=("x", "y"), compile_ahead="host", ready_first=True)}
+    assert started == ["a", "c", "b"]
+    assert same_bits(merged, bj.merge(tree, fts, method).params)
+    monkeypatch.setattr(kernel_store, "lower_kernel", lower_kernel)
+    started.clear()
+    list(merge_leaves(plans, load, names=("x", "y"), compile_ahead="host"))
+    assert started == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_sinks_take_leaves_in_any_order_unless_in_order(tmp_path, fmt):
+    """Safetensors and Orbax sinks write leaves in any order (a merge writes them as their kernels
+    are ready); the msgpack sink, which streams one encoding, takes them in its `order` only."""
+    tree = pretrained(HF_SHAPES)
+    infos = list(io.TreeSource(tree).leaves().values())
+    with io.staged_output(tmp_path / f"out{FORMATS[fmt]}") as staging:
+        sink = io.open_sink(fmt, staging, infos)
+        if sink.in_order:
+            with pytest.raises(ValueError, match="must be written in tree order"):
+                sink.write(sink.order[-1], tree[sink.order[-1]])
+            for path in sink.order:
+                sink.write(path, tree[path])
+        else:
+            for path in reversed(sink.order):
+                sink.write(path, tree[path])
+        sink.commit()
+    assert sink.in_order == (fmt == "msgpack")
+    assert same_bits(io.load(tmp_path / f"out{FORMATS[fmt]}"), tree)
 
 
 def test_loads_other_than_announced_merge_with_their_own_kernel():

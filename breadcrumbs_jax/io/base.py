@@ -70,9 +70,11 @@ class LeafSource(Protocol):
 @runtime_checkable
 class LeafSink(Protocol):
     """A checkpoint being written. Created with the `LeafInfo` of every leaf it will receive;
-    `order` is the order `write` must be called in. `commit` finishes the staged output."""
+    `order` is the order of its leaves, the order `write` must be called in where `in_order`
+    (elsewhere any order will do). `commit` finishes the staged output."""
 
     order: list[str]
+    in_order: bool
 
     def write(self, path: str, array: np.ndarray) -> None: ...
 

@@ -222,6 +222,8 @@ def _ndarray_ext(shape, dtype_name: str, nbytes: int) -> bytes:
 class MsgpackSink:
     """Writes a Flax msgpack file. Leaves must arrive in `order` (subtrees contiguous)."""
 
+    in_order = True
+
     def __init__(self, staging: Path, infos: Sequence[LeafInfo]):
         self._infos = {i.path: i for i in infos}
         self.order = nested_order([i.path for i in infos])

@@ -123,6 +123,8 @@ def _short(e: Exception) -> str:
 class OrbaxSink:
     """Writes an Orbax checkpoint leaf by leaf; leaves are saved in batches of `flush_bytes`."""
 
+    in_order = False
+
     def __init__(self, staging: Path, infos: Sequence[LeafInfo], *, flush_bytes: int = 64 << 20):
         self.order = [i.path for i in infos]
         self.flush_bytes = flush_bytes

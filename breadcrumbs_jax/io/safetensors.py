@@ -156,6 +156,8 @@ class SafetensorsSink:
     """Writes a ``.safetensors`` file (when the target's name ends so), or a model folder: one
     ``model.safetensors``, or shards with an index. Each file's header is written up front."""
 
+    in_order = False
+
     def __init__(
         self,
         staging: Path,
