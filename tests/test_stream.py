@@ -204,6 +204,20 @@ def test_sinks_take_leaves_in_any_order_unless_in_order(tmp_path, fmt):
     assert same_bits(io.load(tmp_path / f"out{FORMATS[fmt]}"), tree)
 
 
+def test_a_leaf_merged_in_another_view_comes_back_without_a_copy(caplog):
+    """A leaf whose kernel takes it in another view ([3, 41] as [41, 3]) comes back in its own
+    shape as a view of the kernel's output (on CPU): no reshape computation runs, and the bits
+    are those of merging the leaf in that view."""
+    rng = np.random.default_rng(10)
+    tree = {"w": rng.standard_normal((3, 41), dtype=np.float32)}
+    fts = [{"w": tree["w"] + rng.standard_normal((3, 41), dtype=np.float32)} for _ in range(2)]
+    with jax.log_compiles(True):
+        merged = bj.merge(tree, fts, BC).params["w"]
+    assert not [r for r in caplog.records if "jit(reshape)" in r.getMessage()]
+    in_view = bj.merge({"w": tree["w"].reshape(41, 3)}, [{"w": f["w"].reshape(41, 3)} for f in fts], BC).params["w"]
+    assert merged.shape == (3, 41) and same_bits(np.asarray(merged), np.asarray(in_view).reshape(3, 41))
+
+
 def test_loads_other_than_announced_merge_with_their_own_kernel():
     """Device arrays where host leaves were announced do not fit the kernels compiled ahead (their
     view's shape): the merge compiles theirs instead, and the bits stay those of `bj.merge`."""
