@@ -68,9 +68,19 @@ jax.monitoring.register_event_listener(_count_hit)
 
 
 def use(path: str | os.PathLike | None) -> None:
-    """Keep kernels in the folder `path` from now on (None: keep none)."""
+    """Keep kernels in the folder `path` from now on (None: keep none). Forgets the executables
+    this process kept (`clear`), so that each kernel is loaded from, or written to, the new store."""
     global _store
     _store = None if path is None else Path(path)
+    clear()
+
+
+_here: dict[Any, Any] = {}  # executables this process compiled or loaded, by `_here_key`
+
+
+def clear() -> None:
+    """Forget the executables this process compiled or loaded (as `jax.clear_caches` does jit's)."""
+    _here.clear()
 
 
 def compile_kernel(kernel, args: tuple, options: dict):
@@ -88,19 +98,26 @@ class Staged:
     compiled: Any = None
     lowered: Any = None
     path: Path | None = None
+    here: Any = None  # the key `finish_kernel` keeps the executable under in this process
 
 
 def lower_kernel(kernel, args: tuple, options: dict) -> Staged:
-    """Loads the kernel from the store, or traces and lowers it (Python work, under the GIL); a
-    thread may lower the next kernel while `finish_kernel` compiles this one (XLA, without it)."""
+    """The kernel as this process compiled it before, or loaded from the store, or traced and
+    lowered (Python work, under the GIL); a thread may lower the next kernel while `finish_kernel`
+    compiles this one (XLA, without it)."""
+    here = _here_key(kernel, args, options)
+    if here is not None and here in _here:
+        return Staged(compiled=_here[here])
     key = _key(args, options) if _store is not None else None
     if key is None:
-        return Staged(lowered=kernel.trace(*args, **options).lower())
+        return Staged(lowered=kernel.trace(*args, **options).lower(), here=here)
     path = _store / f"{key}.executable"
     compiled = _read(path)
     if compiled is not None:
+        if here is not None:
+            _here[here] = compiled
         return Staged(compiled=compiled)
-    return Staged(lowered=jax.jit(_named(kernel, options, key)).trace(*args).lower(), path=path)
+    return Staged(lowered=jax.jit(_named(kernel, options, key)).trace(*args).lower(), path=path, here=here)
 
 
 def finish_kernel(staged: Staged):
@@ -114,7 +131,21 @@ def finish_kernel(staged: Staged):
     # it is not stored, and the next run takes it from that cache again
     if staged.path is not None and _hits.n == hits:
         _store_compiled(compiled, staged.path)
+    if staged.here is not None:
+        _here[staged.here] = compiled
     return compiled
+
+
+def _here_key(kernel, args: tuple, options: dict):
+    """What decides a kernel's executable within this process (None where an option is unhashable)."""
+    leaves, treedef = jax.tree.flatten(args)
+    key = (kernel, treedef, tuple((tuple(a.shape), np.dtype(a.dtype)) for a in leaves),
+           tuple(sorted(options.items())), jax.config.jax_enable_x64)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def compiler_options() -> dict:

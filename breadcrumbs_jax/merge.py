@@ -430,10 +430,22 @@ def merge(
         i = index[plan.path]
         return base_leaves[i], [leaves[i] for leaves in ft_leaves]
 
-    out, reports = [], []
-    for _, merged, report in merge_leaves(plans, load, names=names, out_dtype=out_dtype, progress=progress):
-        out.append(merged)
-        reports.append(report)
-    report = MergeReport(names, tuple(reports))
+    merged = [p for p in plans if p.action == "merge"]
+    kind = _loads_kind([x for p in merged for x in (base_leaves[index[p.path]], *(f[index[p.path]] for f in ft_leaves))])
+    out, reports = {}, {}
+    for plan, leaf, report in merge_leaves(plans, load, names=names, out_dtype=out_dtype, progress=progress,
+                                           compile_ahead=kind, ready_first=kind is not None):
+        out[plan.path], reports[plan.path] = leaf, report
+    report = MergeReport(names, tuple(reports[p.path] for p in plans))
     warn_empty(report)
-    return MergeResult(jax.tree_util.tree_unflatten(treedef, out), report)
+    return MergeResult(jax.tree_util.tree_unflatten(treedef, [out[p] for p in base_paths]), report)
+
+
+def _loads_kind(leaves: Sequence[Any]) -> Literal["host", "device"] | None:
+    """What `merge_leaves` may compile ahead for, given the leaves to merge: 'host' when all are
+    numpy arrays, 'device' when all are uncommitted jax.Arrays (on the default device), else None."""
+    if all(isinstance(x, np.ndarray) for x in leaves):
+        return "host"
+    if all(isinstance(x, jax.Array) and not x.committed for x in leaves):
+        return "device"
+    return None

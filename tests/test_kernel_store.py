@@ -58,6 +58,19 @@ def test_a_stored_kernel_loads_without_tracing_and_gives_the_same_bits(store):
         assert all(np.array_equal(np.asarray(g), np.asarray(w)) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 
 
+def test_the_process_keeps_the_kernels_it_compiled():
+    """Without a store too, a kernel compiled once in a process is not traced or compiled again (an
+    in-memory merge compiles ahead, outside jit's cache); `clear` and `use` forget them."""
+    kernel_store.clear()
+    first = kernel_store.compile_kernel(merge_module._merge_kernel, signature(), options())
+    assert kernel_store.lower_kernel(merge_module._merge_kernel, signature(), options()).compiled is first
+    assert kernel_store.lower_kernel(merge_module._merge_kernel, signature((6, 24)), options()).lowered is not None
+    for forget in (kernel_store.clear, lambda: kernel_store.use(None)):
+        kernel_store.compile_kernel(merge_module._merge_kernel, signature(), options())
+        forget()
+        assert kernel_store.lower_kernel(merge_module._merge_kernel, signature(), options()).lowered is not None
+
+
 def test_key_separates_whatever_decides_the_kernel(monkeypatch):
     key = kernel_store._key(signature(), options())
     assert key == kernel_store._key(signature(), options(bj.breadcrumbs(0.8, density=0.3, gamma_top=0.05, weights=(1.0, 0.6))))
@@ -144,6 +157,7 @@ def test_a_damaged_entry_is_compiled_again_and_replaced(store, caplog):
     (entry,) = store.glob("*.executable")
     good = entry.read_bytes()
     entry.write_bytes(good[: len(good) // 2])
+    kernel_store.clear()  # as in a new process: not the executable this one kept
     with caplog.at_level(logging.WARNING, logger="breadcrumbs_jax.kernel_store"):
         kernel = kernel_store.compile_kernel(merge_module._merge_kernel, signature(), options())
     assert "unreadable" in caplog.text and entry.name in caplog.text

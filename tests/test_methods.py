@@ -10,6 +10,7 @@ import pytest
 
 import breadcrumbs_jax as bj
 from tests import reference as ref
+from tests.ckpt_factory import same_bits
 from tests import trees
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*keep no entries")
@@ -207,11 +208,13 @@ def test_breadcrumbs_ties_unnormalized_sums_agreeing_entries(models):
 
 @pytest.mark.parametrize("method", [bj.breadcrumbs(0.7, density=0.2, gamma_top=0.05), bj.dare(1.0, p=0.5, seed=3),
                                     bj.ties(1.0, density=0.3), bj.breadcrumbs(1.0, density=0.2, gamma_top=0.05, granularity="global")])
-def test_host_leaves_merge_as_their_kernel_view(method):
+def test_host_leaves_merge_as_their_kernel_view(method, monkeypatch):
     """Host (numpy) leaves of a `flat` method are merged viewed as (n / m, m): the same bits as the
-    leaves given as device arrays (merged in their own shape), and one kernel for the shapes of one view."""
+    leaves given as device arrays (merged in their own shape), and one kernel for the shapes of one
+    view (compiled ahead, or for `global` leaves by jit)."""
     import jax
 
+    from breadcrumbs_jax import kernel_store
     from breadcrumbs_jax.merge import _merge_kernel, kernel_shape
 
     assert kernel_shape((24, 40)) == (40, 24) and kernel_shape((6, 40, 24)) == (240, 24) and kernel_shape((7,)) == (7,)
@@ -220,8 +223,12 @@ def test_host_leaves_merge_as_their_kernel_view(method):
            "c": rng.standard_normal((2, 24, 20), dtype=np.float32)}
     fts = [{k: v + rng.integers(-3, 4, v.shape).astype(np.float32) * 0.25 for k, v in pre.items()} for _ in range(3)]
     jax.clear_caches()
+    kernel_store.clear()
+    lowered, lower_kernel = [], kernel_store.lower_kernel
+    monkeypatch.setattr(kernel_store, "lower_kernel", lambda kernel, args, options: (
+        lowered.append(args[1].shape), lower_kernel(kernel, args, options))[1])
     host = bj.merge(pre, fts, method)
-    compiled = _merge_kernel._cache_size()
+    compiled = len(lowered) + _merge_kernel._cache_size()
     device = bj.merge(jax.device_put(pre), [jax.device_put(f) for f in fts], method)
     for k in pre:
         got, want = np.asarray(host.params[k]), np.asarray(device.params[k])
@@ -240,6 +247,35 @@ SETTINGS = [  # pairs of settings of one structure: hyperparameters differ, noth
     (bj.linear(weights=(3, 2, 1)), bj.linear(weights=WEIGHTS)),
     (bj.task_arithmetic(0.3), bj.task_arithmetic(1.7)),
 ]
+
+
+def test_a_second_merge_takes_the_kernels_the_first_compiled(monkeypatch):
+    """`bj.merge` of host or device leaves compiles its kernels ahead, in background threads, and the
+    process keeps them: a second merge of the same shapes, with another setting of the method,
+    lowers and compiles nothing, and gets the bits of kernels compiled for it alone."""
+    import jax
+
+    from breadcrumbs_jax import kernel_store
+
+    rng = np.random.default_rng(6)
+    pre = {"a": rng.standard_normal((24, 40), dtype=np.float32), "b": rng.standard_normal((7,), dtype=np.float32)}
+    fts = [{k: v + rng.standard_normal(v.shape, dtype=np.float32) for k, v in pre.items()} for _ in range(3)]
+    first, second = SETTINGS[1]  # ties, two settings of one structure
+    compiles, finish_kernel = [], kernel_store.finish_kernel
+    monkeypatch.setattr(kernel_store, "finish_kernel", lambda staged: (
+        compiles.append(staged.lowered is not None), finish_kernel(staged))[1])
+    for leaves in (pre, jax.device_put(pre)):  # host leaves, then uncommitted device arrays
+        kernel_store.clear()
+        compiles.clear()
+        fine = fts if isinstance(leaves["a"], np.ndarray) else [jax.device_put(f) for f in fts]
+        bj.merge(leaves, fine, first)
+        assert compiles == [True, True]  # one kernel per view, compiled ahead
+        got = bj.merge(leaves, fine, second)
+        assert compiles == [True, True, False, False]  # the kept executables, nothing lowered
+        kernel_store.clear()
+        jax.clear_caches()
+        want = bj.merge(leaves, fine, second)
+        assert same_bits(got.params, want.params) and got.report == want.report
 
 
 def _leaf(seed=12):

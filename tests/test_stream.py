@@ -110,8 +110,8 @@ def test_the_next_leaf_is_read_while_this_one_merges_and_no_further(tmp_path, wr
 @pytest.mark.parametrize("kind", ["host", "device"])
 def test_kernels_compile_ahead_in_a_background_thread_once_each(monkeypatch, caplog, kind):
     """Each distinct kernel is lowered once, in order of first use, in one thread and compiled in
-    another, both off the merging thread, which then finds it compiled; the bits are those of a
-    merge that compiles as it goes. Host leaves go in as their kernel view, device arrays as they are."""
+    another, both off the merging thread, which then finds it compiled; the bits are those of
+    `bj.merge` either way. Host leaves go in as their kernel view, device arrays as they are."""
     rng = np.random.default_rng(7)
     tree = {"a": rng.standard_normal((37, 5), dtype=np.float32), "b": rng.standard_normal((11, 40), dtype=np.float32),
             "c": rng.standard_normal((37, 5), dtype=np.float32), "d": rng.standard_normal((37, 5)).astype(np.int32)}
@@ -121,6 +121,12 @@ def test_kernels_compile_ahead_in_a_background_thread_once_each(monkeypatch, cap
     def load(plan):
         return put(tree[plan.path]), put(np.stack([f[plan.path] for f in fts]))
 
+    # names no other test's method has: kernels no other test compiled (settings share them)
+    methods = {ahead: dataclasses.replace(bj.breadcrumbs(0.9, density=0.4, gamma_top=0.1, weights=weights),
+                                          name=f"ahead-{kind}-{ahead}")
+               for ahead, weights in [(None, (1.0, 0.3)), (kind, (1.0, 0.4))]}
+    want = {ahead: bj.merge(tree, fts, method).params for ahead, method in methods.items()}
+    kernel_store.clear()
     lowered, compiled = [], []
     lower_kernel, finish_kernel = kernel_store.lower_kernel, kernel_store.finish_kernel
     monkeypatch.setattr(kernel_store, "lower_kernel", lambda kernel, args, options: (
@@ -128,15 +134,13 @@ def test_kernels_compile_ahead_in_a_background_thread_once_each(monkeypatch, cap
     monkeypatch.setattr(kernel_store, "finish_kernel", lambda staged: (
         compiled.append(threading.current_thread().name), finish_kernel(staged))[1])
     here = {}  # compilations of _merge_kernel in the merging thread
-    for ahead, weights in [(None, (1.0, 0.3)), (kind, (1.0, 0.4))]:
-        # a name no other test's method has: kernels no other test compiled (settings share them)
-        method = dataclasses.replace(bj.breadcrumbs(0.9, density=0.4, gamma_top=0.1, weights=weights), name=f"ahead-{kind}")
+    for ahead, method in methods.items():
         caplog.clear()
         with jax.log_compiles(True):  # logs what this thread compiles
             merged = {p.path: m for p, m, _ in merge_leaves(
                 bj.plan_for(tree, method), load, names=("x", "y"), compile_ahead=ahead)}
         here[ahead] = sum("Finished XLA compilation of jit(_merge_kernel)" in r.getMessage() for r in caplog.records)
-        assert same_bits(merged, bj.merge(tree, fts, method).params)
+        assert same_bits(merged, want[ahead])
     assert here == {None: 2, kind: 0}  # the merging thread compiled both kernels, then neither
     b = (40, 11) if kind == "host" else (11, 40)
     assert lowered == [((37, 5), "breadcrumbs-lower_0"), (b, "breadcrumbs-lower_0")]  # 'd' is copied
