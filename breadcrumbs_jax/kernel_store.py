@@ -114,33 +114,35 @@ def lower_kernel(kernel, args: tuple, options: dict) -> Staged:
     path = _store / f"{key}.executable"
     compiled = _read(path)
     if compiled is not None:
-        if here is not None:
-            _here[here] = compiled
-        return Staged(compiled=compiled)
+        return Staged(compiled=compiled, here=here)
     return Staged(lowered=jax.jit(_named(kernel, options, key)).trace(*args).lower(), path=path, here=here)
 
 
 def finish_kernel(staged: Staged):
     """The executable of a `lower_kernel` result: compiled with `compiler_options()` and stored
-    where it has a path."""
-    if staged.compiled is not None:
-        return staged.compiled
-    hits = _hits.n
-    compiled = staged.lowered.compile(compiler_options=compiler_options())
-    # an executable JAX's persistent cache gave serializes without its code (jax 0.10.2, CPU):
-    # it is not stored, and the next run takes it from that cache again
-    if staged.path is not None and _hits.n == hits:
-        _store_compiled(compiled, staged.path)
+    where it has a path; kept for this process where it has a `here` key."""
+    compiled = staged.compiled
+    if compiled is None:
+        hits = _hits.n
+        compiled = staged.lowered.compile(compiler_options=compiler_options())
+        # an executable JAX's persistent cache gave serializes without its code (jax 0.10.2, CPU):
+        # it is not stored, and the next run takes it from that cache again
+        if staged.path is not None and _hits.n == hits:
+            _store_compiled(compiled, staged.path)
     if staged.here is not None:
         _here[staged.here] = compiled
     return compiled
 
 
+def _signature(args: tuple) -> tuple[Any, tuple]:
+    """The argument tree's structure and its leaves' (shape, dtype)."""
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, tuple((tuple(a.shape), np.dtype(a.dtype)) for a in leaves)
+
+
 def _here_key(kernel, args: tuple, options: dict):
     """What decides a kernel's executable within this process (None where an option is unhashable)."""
-    leaves, treedef = jax.tree.flatten(args)
-    key = (kernel, treedef, tuple((tuple(a.shape), np.dtype(a.dtype)) for a in leaves),
-           tuple(sorted(options.items())), jax.config.jax_enable_x64)
+    key = (kernel, *_signature(args), tuple(sorted(options.items())), jax.config.jax_enable_x64)
     try:
         hash(key)
     except TypeError:
@@ -226,7 +228,7 @@ def _write(path: Path, data: bytes) -> None:
 def _key(args: tuple, options: dict) -> str | None:
     """Hex digest of everything that decides the executable, or None if an option has no
     exact canonical form."""
-    leaves, treedef = jax.tree.flatten(args)
+    treedef, avals = _signature(args)
     try:
         options = _canonical(sorted(options.items()))
     except TypeError:
@@ -234,7 +236,7 @@ def _key(args: tuple, options: dict) -> str | None:
     described = repr((
         _FORMAT, _source_digest(), jax.__version__, jaxlib.__version__, _target(),
         sorted(compiler_options().items()), jax.config.jax_enable_x64, options,
-        str(treedef), [(tuple(a.shape), str(a.dtype)) for a in leaves],
+        str(treedef), [(shape, str(dtype)) for shape, dtype in avals],
     ))
     return hashlib.sha256(described.encode()).hexdigest()
 

@@ -221,10 +221,9 @@ def _in_shape(merged: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     it into a new buffer (a [4096, 11008] bfloat16 leaf: 45 ms against 0.6 ms)."""
     if merged.shape == shape:
         return merged
-    devices = merged.devices()
-    if len(devices) == 1 and next(iter(devices)).platform == "cpu":
-        view = np.asarray(merged).reshape(shape)
-        return jax.device_put(view, next(iter(devices)) if merged.committed else None)
+    (device, *others) = merged.devices()
+    if not others and device.platform == "cpu":
+        return jax.device_put(np.asarray(merged).reshape(shape), device if merged.committed else None)
     return merged.reshape(shape)
 
 
@@ -430,8 +429,7 @@ def merge(
         i = index[plan.path]
         return base_leaves[i], [leaves[i] for leaves in ft_leaves]
 
-    merged = [p for p in plans if p.action == "merge"]
-    kind = _loads_kind([x for p in merged for x in (base_leaves[index[p.path]], *(f[index[p.path]] for f in ft_leaves))])
+    kind = _loads_kind([load(p) for p in plans if p.action == "merge"])
     out, reports = {}, {}
     for plan, leaf, report in merge_leaves(plans, load, names=names, out_dtype=out_dtype, progress=progress,
                                            compile_ahead=kind, ready_first=kind is not None):
@@ -441,9 +439,10 @@ def merge(
     return MergeResult(jax.tree_util.tree_unflatten(treedef, [out[p] for p in base_paths]), report)
 
 
-def _loads_kind(leaves: Sequence[Any]) -> Literal["host", "device"] | None:
-    """What `merge_leaves` may compile ahead for, given the leaves to merge: 'host' when all are
-    numpy arrays, 'device' when all are uncommitted jax.Arrays (on the default device), else None."""
+def _loads_kind(loads: Sequence[tuple[Any, Sequence[Any]]]) -> Literal["host", "device"] | None:
+    """What `merge_leaves` may compile ahead for, given the loads of the leaves to merge: 'host' when
+    all are numpy arrays, 'device' when all are uncommitted jax.Arrays (on the default device), else None."""
+    leaves = [x for base, finetuned in loads for x in (base, *finetuned)]
     if all(isinstance(x, np.ndarray) for x in leaves):
         return "host"
     if all(isinstance(x, jax.Array) and not x.committed for x in leaves):
